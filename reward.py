@@ -1,0 +1,92 @@
+"""reward.py: completion text + question -> reward components.
+
+Robot-R1's reward (PAPER.md §4) is R = r_format + r_answer, each 0 or 1:
+    format   the whole completion is <think>...</think> then <answer>...</answer> (whitespace around)
+    choice   the <answer> content names the correct option: "[[C]]" (or a bare "C")
+    l1       open-ended variant: clip(1 - |x-x*| - |y-y*| - |z-z*|, 0, 1) metres
+
+    >>> s = Sample(..., kind="waypoint", answer="C", ...)
+    >>> score("<think>the cup is left</think> <answer>[[C]]</answer>", s, {"format": 1, "choice": 1})
+    {'format': 1.0, 'choice': 1.0, 'total': 2.0}
+
+A reward function takes (text, sample) and returns a float; it never raises, whatever the text. To try
+a new reward, write one here, add it to REWARDS and name it on the command line:
+    python grpo.py --rewards format=1,choice=1,my_reward=0.5
+"""
+from __future__ import annotations
+
+import re
+
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_NO_TAGS = r"(?:(?!</?think>|</?answer>).)*"          # text that opens or closes no tag
+FORMAT = re.compile(rf"\s*<think>{_NO_TAGS}</think>\s*<answer>{_NO_TAGS}</answer>\s*", re.DOTALL)
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+XYZ = re.compile(rf"^\[?\s*({NUMBER})\s*,\s*({NUMBER})\s*,\s*({NUMBER})\s*\]?$")
+
+
+def answer_text(text):
+    """The content of the last <answer>...</answer>, stripped; None when there is none."""
+    found = ANSWER.findall(text)
+    return found[-1].strip() if found else None
+
+
+def format_reward(text, sample=None):
+    """1 when the completion is exactly <think>...</think> <answer>...</answer>, else 0."""
+    return 1.0 if FORMAT.fullmatch(text) else 0.0
+
+
+def choice_reward(text, sample):
+    """1 when the answer names the correct option, "[[C]]" or "C"; 0 otherwise and for open questions."""
+    if not sample.options:
+        return 0.0
+    got = answer_text(text)
+    return 1.0 if got in (f"[[{sample.answer}]]", sample.answer) else 0.0
+
+
+def parse_xyz(text):
+    """'[0.25, -0.1, 0.9]' -> [0.25, -0.1, 0.9]; None when the answer is not three numbers."""
+    got = answer_text(text)
+    m = XYZ.match(got) if got is not None else None
+    if not m:
+        return None
+    xyz = [float(v) for v in m.groups()]
+    return xyz if all(abs(v) < 1e6 for v in xyz) else None
+
+
+def l1_reward(text, sample):
+    """Open-ended waypoint: clip(1 - L1 distance in metres, 0, 1); 0 for multiple choice or no xyz."""
+    if sample.options:
+        return 0.0
+    xyz = parse_xyz(text)
+    if xyz is None:
+        return 0.0
+    return max(0.0, 1.0 - sum(abs(a - b) for a, b in zip(xyz, sample.target)))
+
+
+REWARDS = {"format": format_reward, "choice": choice_reward, "l1": l1_reward}
+DEFAULT_WEIGHTS = {"format": 1.0, "choice": 1.0, "l1": 1.0}   # R = format + answer, for any mix of kinds
+
+
+def parse_weights(spec):
+    """'format=1,choice=1,my_reward=0.5' -> {'format': 1.0, 'choice': 1.0, 'my_reward': 0.5}."""
+    weights = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in --rewards; known: {', '.join(REWARDS)} "
+                             "(add yours to REWARDS in reward.py)")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"--rewards: weight of {name!r} must be a number, got {value!r}") from None
+    if not weights:
+        raise ValueError("--rewards names no reward; e.g. format=1,choice=1")
+    return weights
+
+
+def score(text, sample, weights=None):
+    """Every weighted component and their weighted sum 'total'."""
+    weights = DEFAULT_WEIGHTS if weights is None else weights
+    out = {name: float(REWARDS[name](text, sample)) for name in weights}
+    out["total"] = sum(weights[name] * out[name] for name in weights)
+    return out

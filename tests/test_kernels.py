@@ -1,0 +1,99 @@
+"""kernels.py against float64 PyTorch: forward and both gradients, Triton (interpreted) and the torch path.
+
+Tolerances, as relative norms ||ours - ref|| / ||ref||:
+- fp32 inputs: the kernels accumulate in fp32 over H <= 128 terms: ~1e-6; we allow 1e-5.
+- bf16 inputs: the reference runs in float64 on the same bf16 values, so the forward (fp32 accumulation)
+  still lands near 1e-6; the gradients come back in bf16 (8 bits of mantissa, ~4e-3 per element), so 1e-2.
+"""
+import pytest
+import torch
+
+import kernels
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Run each test through the Triton kernels (interpreted on the CPU) and through the torch path."""
+    assert kernels.INTERPRET, "tests/conftest.py sets TRITON_INTERPRET=1 before kernels is imported"
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "INTERPRET", False)
+    return request.param
+
+
+def check_logprob(N, H, V, dtype, temperature, scale=1.0, seed=None, chunk_bytes=1 << 27):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    h = (torch.randn(N, H, generator=gen) * scale).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=gen) * scale / H ** 0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    g = torch.randn(N, generator=gen)
+    logp, ent = kernels.fused_logprob(h, w, t, temperature, return_entropy=True, chunk_bytes=chunk_bytes)
+    (logp * g).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = kernels.fused_logprob_reference(h64, w64, t, temperature)
+    (ref * g.double()).sum().backward()
+    p = torch.softmax(h64 @ w64.T / temperature, -1)
+    ref_ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    assert logp.dtype == torch.float32 and logp.shape == (N,)
+    assert torch.isfinite(logp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    grad_tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(logp, ref) < 1e-5
+    assert rel(ent, ref_ent) < 1e-4
+    assert rel(h.grad, h64.grad) < grad_tol
+    assert rel(w.grad, w64.grad) < grad_tol
+    return logp, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_logprob_matches_float64_on_odd_shapes(backend, dtype, temperature):
+    check_logprob(N=37, H=72, V=1003, dtype=dtype, temperature=temperature)
+
+
+def test_fused_logprob_in_several_blocks_of_rows_and_vocabulary(backend):
+    # A tiny chunk_bytes forces the backward through many [rows x vocabulary] blocks.
+    check_logprob(N=300, H=40, V=17000, dtype=torch.float32, temperature=1.0, chunk_bytes=1 << 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_logprob_at_qwen_vocab_size(backend, dtype):
+    check_logprob(N=3, H=64, V=152064, dtype=dtype, temperature=1.0)
+
+
+def test_fused_logprob_extreme_logits_stay_finite(backend):
+    # logits of order +-1e4: a naive exp overflows; the online log-sum-exp must not.
+    logp, ref = check_logprob(N=20, H=16, V=500, dtype=torch.float32, temperature=1.0, scale=300.0)
+    assert (ref < -100).any(), "the test really produces extreme log-probs"
+
+
+def test_fused_logprob_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="hidden \\[N, H\\], weight \\[V, H\\]"):
+        kernels.fused_logprob(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("G", [1, 2, 5, 8, 13])
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_match_reference(backend, G, scale):
+    B = 11
+    r = torch.randint(0, 3, (B * G,)).float() + torch.rand(B * G) * (torch.rand(B * G) < 0.5)
+    r[:G] = 1.5                                          # one constant group
+    adv = kernels.group_advantages(r, G, scale=scale)
+    ref = kernels.group_advantages_reference(r.double(), G, scale=scale)
+    assert adv.dtype == torch.float32 and torch.isfinite(adv).all()
+    assert torch.allclose(adv.double(), ref, atol=1e-5)
+    assert (adv[:G] == 0).all()
+    if G == 1:
+        assert (adv == 0).all()
+
+
+def test_group_advantages_hand_example_and_exact_zero_for_equal_rewards(backend):
+    adv = kernels.group_advantages(torch.tensor([2.0, 1.0, 1.0, 0.0]), 4)
+    assert torch.allclose(adv, torch.tensor([1.2247, 0.0, 0.0, -1.2247]), atol=1e-4)
+    # 0.1 summed five times is not exactly 0.5 in fp32; equal rewards must still give exactly 0.
+    adv = kernels.group_advantages(torch.full((5,), 0.1), 5)
+    assert (adv == 0).all()
+    assert torch.equal(kernels.group_advantages(torch.tensor([0.0, 2.0, 0.0, 2.0]), 2, scale=False),
+                       torch.tensor([-1.0, 1.0, -1.0, 1.0]))
