@@ -1,0 +1,567 @@
+"""model.py: Qwen2.5-VL for reinforcement learning: the text decoder we own, Hugging Face's vision tower.
+
+    image --HF processor--> patches --HF vision tower--> image tokens --.
+    prompt --chat template--> token ids --embed--> [text | image | text] --> our decoder --> hidden states
+
+The decoder (gpt-fast style) is written out below: RMSNorm, multimodal RoPE, grouped-query attention
+through scaled_dot_product_attention, SwiGLU, and a static KV cache for sampling. It loads a Hugging
+Face checkpoint's weights unchanged (same parameter names), and the tests hold it to transformers'
+Qwen2_5_VLForConditionalGeneration logit for logit. The decoder returns hidden states; the lm_head is
+applied by whoever needs it: fused_logprob (kernels.py) in training, the last position in sampling.
+
+Multimodal RoPE (M-RoPE): every token has 3 positions (temporal, height, width). Text tokens carry the
+same number three times; the image's tokens carry (start, start + row, start + col), and the text after
+the image resumes at start + max(rows, cols). The head dimension's frequencies are split into three
+sections (16, 24, 24 of 64 for the 7B) rotated by the temporal, height and width positions.
+
+    model, processor = load("tiny")                                  # random weights, runs on a CPU
+    model, processor = load("Qwen/Qwen2.5-VL-7B-Instruct", torch.bfloat16, "cuda")
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+from kernels import fused_logprob
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decoder we own
+# ----------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):                              # normalise in fp32, scale in the input dtype
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def mrope(positions, head_dim, theta, sections, dtype):
+    """positions (3, B, T) -> cos, sin (B, T, head_dim). Frequency j turns with positions[section(j)]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
+    section = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                      torch.tensor(sections, device=positions.device))
+    pos = positions.float()[section]                   # (head_dim/2, B, T): each frequency's own position
+    angles = pos.permute(1, 2, 0) * inv_freq            # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x, cos, sin):                              # x (B, heads, T, d); rotate pairs (i, i + d/2)
+    x1, x2 = x.chunk(2, -1)
+    return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, past=None, cache=None, slots=None):
+        """x (B, T, H); mask (B, T, S) True = may attend. Keys are `past` + these tokens (training), or
+        the whole static `cache` after writing these tokens at `slots` (sampling). -> out, (k, v) new."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        new = (k, v)
+        if cache is not None:
+            cache[0].index_copy_(2, slots, k)
+            cache[1].index_copy_(2, slots, v)
+            k, v = cache[0][:, :, :mask.shape[-1]], cache[1][:, :, :mask.shape[-1]]
+        elif past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        # Grouped-query attention without copying keys: the g query heads that share a key head are
+        # folded into the query axis, (B, n_kv, g*T, d), and attend like ordinary heads.
+        g = self.n_heads // self.n_kv
+        q = q.reshape(B, self.n_kv, g * T, self.head_dim)
+        m = mask[:, None, None].expand(B, 1, g, T, mask.shape[-1]).reshape(B, 1, g * T, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)          # (B, n_kv, g*T, d)
+        out = out.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out), new
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(c), MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past=None, cache=None, slots=None):
+        a, new = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, cache, slots)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+def attention_mask(key_valid, query_slots):
+    """key_valid (B, S) bool, query_slots (T,) -> (B, T, S): valid keys at or before each query's slot.
+    A query also sees its own slot, so that left-padding rows attend to something (their output is unused)."""
+    S = key_valid.shape[1]
+    keys = torch.arange(S, device=key_valid.device)
+    causal = keys[None, :] <= query_slots[:, None]
+    return (key_valid[:, None, :] & causal[None]) | (keys[None, :] == query_slots[:, None])[None]
+
+
+class Qwen2_5_VL(nn.Module):
+    """Qwen2.5-VL with the parameter names of transformers' Qwen2_5_VLForConditionalGeneration."""
+
+    def __init__(self, config: Qwen2_5_VLConfig, empty_text=False):
+        """empty_text: build the text decoder on the meta device (no memory, no init; weights come next)."""
+        super().__init__()
+        self.config, self.text = config, config.text_config
+        config.vision_config._attn_implementation = "sdpa"
+        self.model = nn.Module()
+        self.model.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        with torch.device("meta") if empty_text else contextlib.nullcontext():
+            self.model.language_model = TextDecoder(self.text)
+            self.lm_head = nn.Linear(self.text.hidden_size, self.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        rope = getattr(self.text, "rope_parameters", None) or getattr(self.text, "rope_scaling", None) or {}
+        self.rope_theta = rope.get("rope_theta", getattr(self.text, "rope_theta", 1e6))
+        self.mrope_section = rope.get("mrope_section", [16, 24, 24])
+
+    # --- the pieces ---------------------------------------------------------------------------------
+    def image_features(self, pixel_values, image_grid_thw):
+        """Patches of all images (HF processor output) -> image tokens (n_image_tokens, H), in order."""
+        visual = self.model.visual
+        out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
+        return getattr(out, "pooler_output", out)      # transformers 5 returns a ModelOutput
+
+    def forward(self, input_ids, positions, mask_valid, image_features=None, past=None, past_valid=None,
+                cache=None, slot=None):
+        """Hidden states after the final norm, and each layer's (k, v) for these tokens.
+
+        input_ids (B, T) and M-RoPE positions (3, B, T); mask_valid (B, T): 1 = real token, 0 = padding.
+        image_features replace the image-pad tokens' embeddings, in order. Attention reaches:
+        - no past, no cache: these T tokens, causally (a full sequence);
+        - past [(k, v) per layer], past_valid (B, S): a prefix computed before (training);
+        - cache (KVCache) with slot: writes these tokens at slots slot..slot+T-1 of the static cache.
+        """
+        lm = self.model.language_model
+        x = lm.embed_tokens(input_ids)
+        if image_features is not None:
+            is_image = (input_ids == self.config.image_token_id)[..., None]
+            x = x.masked_scatter(is_image, image_features.to(x.dtype))
+        T = input_ids.shape[1]
+        cos, sin = mrope(positions, x.shape[-1] // self.text.num_attention_heads, self.rope_theta,
+                         self.mrope_section, x.dtype)
+        valid = mask_valid.bool()
+        if cache is not None:
+            slots = slot + torch.arange(T, device=x.device)
+            cache.valid.index_copy_(1, slots, valid)
+            mask = attention_mask(cache.valid[:, :cache.attend_len], slots)
+        elif past is not None:
+            slots = past_valid.shape[1] + torch.arange(T, device=x.device)
+            mask = attention_mask(torch.cat([past_valid, valid], 1), slots)
+        else:
+            mask = attention_mask(valid, torch.arange(T, device=x.device))
+        kvs = []
+        for i, layer in enumerate(lm.layers):
+            x, kv = layer(x, cos, sin, mask, past[i] if past is not None else None,
+                          cache.layer(i) if cache is not None else None, slots if cache is not None else None)
+            kvs.append(kv)
+        return lm.norm(x), kvs
+
+    def next_token_logits(self, input_ids, positions, mask_valid, image_features=None, cache=None, slot=None):
+        """fp32 logits (B, V) of the token after the last position (sampling)."""
+        hidden, _ = self.forward(input_ids, positions, mask_valid, image_features, cache=cache, slot=slot)
+        return F.linear(hidden[:, -1], self.lm_head.weight).float()
+
+    def completion_logprobs(self, batch, completions, completion_mask, temperature=1.0, return_entropy=False):
+        """log p(completion token) (R, T) fp32 for R = B * G completions of the B prompts in `batch`.
+
+        The prompt runs once per group: its keys and values are repeated G times and the completions
+        attend to them, so the prompt (and the image) costs 1/G of what recomputing full sequences
+        would. Prompt positions are never scored, and the [tokens, vocab] logits never exist:
+        the selected hidden states go straight into fused_logprob with the lm_head weight.
+        """
+        R, T = completions.shape
+        G = R // batch.input_ids.shape[0]
+        feats = self.image_features(batch.pixel_values, batch.image_grid_thw) if batch.pixel_values is not None else None
+        h_prompt, kv = self.forward(batch.input_ids, batch.positions, batch.attention_mask, feats)
+        past = [(k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in kv]
+        pos = batch.next_position.repeat_interleave(G)[:, None] + torch.arange(T, device=completions.device)
+        h_comp, _ = self.forward(completions, pos.expand(3, R, T), completion_mask, past=past,
+                                 past_valid=batch.attention_mask.bool().repeat_interleave(G, 0))
+        # token j is predicted from the position before it: the prompt's last for j = 0
+        h = torch.cat([h_prompt[:, -1:].repeat_interleave(G, 0), h_comp[:, :-1]], 1)       # (R, T, H)
+        sel = completion_mask.bool()
+        logp, ent = fused_logprob(h[sel], self.lm_head.weight, completions[sel], temperature, return_entropy=True)
+        out = torch.zeros(R, T, device=h.device, dtype=torch.float32).masked_scatter(sel, logp)
+        if not return_entropy:
+            return out
+        return out, torch.zeros_like(out).masked_scatter(sel, ent)
+
+
+class KVCache:
+    """Static key/value buffers per layer, (rows, n_kv, max_len, head_dim), and which slots hold tokens.
+    `attend_len` bounds the slots attention reads (the sampler raises it as the sequence grows)."""
+
+    def __init__(self, model, rows, max_len, dtype=None, device=None):
+        c = model.text
+        head_dim = c.hidden_size // c.num_attention_heads
+        w = model.model.language_model.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        shape = (rows, c.num_key_value_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
+        self.attend_len = max_len
+
+    def layer(self, i):
+        return self.k[i], self.v[i]
+
+    def repeat_interleave(self, n):
+        """Each row's cache copied to n consecutive rows (one prompt's prefill shared by its n samples)."""
+        new = object.__new__(KVCache)
+        new.k = [k.repeat_interleave(n, 0) for k in self.k]
+        new.v = [v.repeat_interleave(n, 0) for v in self.v]
+        new.valid, new.attend_len = self.valid.repeat_interleave(n, 0), self.attend_len
+        return new
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processor: samples -> left-padded token batches with images and M-RoPE positions
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    input_ids: torch.Tensor           # (B, P) prompt tokens, left-padded
+    attention_mask: torch.Tensor      # (B, P) 1 = real token
+    positions: torch.Tensor           # (3, B, P) M-RoPE positions (0 on padding)
+    next_position: torch.Tensor       # (B,) position of the first generated token
+    pixel_values: torch.Tensor | None   # (patches of all images, channels * 2 * 14 * 14)
+    image_grid_thw: torch.Tensor | None  # (images, 3) patch grid of each image
+
+    def to(self, device):
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
+
+
+def mrope_positions(ids, grids, image_token_id, merge):
+    """One prompt's M-RoPE positions (3, L) and the position where generation continues.
+
+    Text: t = h = w = running position. An image of (t, h, w) merged tokens starting at position s:
+    (s + frame, s + row, s + col); text after it resumes at s + max(t, h, w).
+    """
+    pos, cur, i, grid = [], 0, 0, iter(grids)
+    while i < len(ids):
+        if ids[i] == image_token_id:
+            t, h, w = (int(v) for v in next(grid))
+            h, w = h // merge, w // merge
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pos.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+            i, cur = i + t * h * w, cur + max(t, h, w)
+        else:
+            j = i
+            while j < len(ids) and ids[j] != image_token_id:
+                j += 1
+            pos.append(torch.arange(cur, cur + j - i).expand(3, -1))
+            i, cur = j, cur + j - i
+    return torch.cat(pos, 1), cur
+
+
+class Processor:
+    """Tokenizer + Hugging Face's image processor, and the prompt encoding the model expects."""
+
+    def __init__(self, tokenizer, image_processor, config):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token_id, self.merge = config.image_token_id, config.vision_config.spatial_merge_size
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
+
+    def chat_text(self, prompt):
+        """Our prompts mark the image with '<image>' (PAPER.md §3); the chat template places it there."""
+        before, found, after = prompt.partition("<image>")
+        content = [{"type": "text", "text": before}] + ([{"type": "image"}, {"type": "text", "text": after}] if found else [])
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def encode(self, samples, max_prompt_len=None):
+        """Samples -> Batch. A prompt over max_prompt_len tokens is an error, never truncated."""
+        texts = [self.chat_text(s.prompt) for s in samples]
+        images = [s.load_image() for s, t in zip(samples, texts) if self.image_token in t]
+        pixel_values = grid = None
+        if images:
+            out = self.image_processor(images=images, return_tensors="pt")
+            pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        rows, k = [], 0
+        for s, text in zip(samples, texts):
+            n_img = text.count(self.image_token)
+            sizes = [int(g.prod()) // self.merge ** 2 for g in grid[k:k + n_img]] if n_img else []
+            parts = text.split(self.image_token)
+            text = parts[0] + "".join(self.image_token * n + p for n, p in zip(sizes, parts[1:]))
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if max_prompt_len and len(ids) > max_prompt_len:
+                raise ValueError(f"sample {s.id}: prompt is {len(ids)} tokens, over the limit of {max_prompt_len} "
+                                 f"(raise --max_prompt_len, or lower --max_pixels to shrink its image tokens)")
+            rows.append((ids, mrope_positions(ids, grid[k:k + n_img] if n_img else [], self.image_token_id, self.merge)))
+            k += n_img
+        P = max(len(ids) for ids, _ in rows)
+        B = len(rows)
+        input_ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.long)
+        positions = torch.zeros(3, B, P, dtype=torch.long)
+        for b, (ids, (pos, _)) in enumerate(rows):
+            input_ids[b, P - len(ids):] = torch.tensor(ids)
+            mask[b, P - len(ids):] = 1
+            positions[:, b, P - len(ids):] = pos
+        nxt = torch.tensor([n for _, (_, n) in rows])
+        return Batch(input_ids, mask, positions, nxt, pixel_values, grid)
+
+    def decode(self, tokens, mask):
+        return [self.tokenizer.decode(t[m.bool()].tolist(), skip_special_tokens=True) for t, m in zip(tokens, mask)]
+
+    def save_pretrained(self, folder):
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
+
+def _image_processor_class():
+    import transformers
+    # transformers 5 without torchvision: the PIL backend (the default class would need torchvision)
+    return getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets and loading
+# ----------------------------------------------------------------------------------------------------
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (  # Qwen2.5-VL's chat format: a default system turn, images as vision_start/pad/end
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+PRESETS = {  # random-weight models in Qwen2.5-VL's architecture
+    "tiny": dict(text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, rope_theta=10000.0, mrope_section=[4, 6, 6]),
+                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
+                 min_pixels=112 * 112, max_pixels=112 * 112),
+}
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (every byte one token) with Qwen's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_SPECIAL)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def preset_config(name, vocab_size, special_ids):
+    p = PRESETS[name]
+    t = dict(p["text"])
+    rope = {"rope_type": "default", "rope_theta": t.pop("rope_theta"), "mrope_section": t.pop("mrope_section")}
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                         rope_parameters=rope, bos_token_id=special_ids["<|endoftext|>"],
+                         eos_token_id=special_ids["<|im_end|>"], pad_token_id=special_ids["<|endoftext|>"], **t),
+        vision_config=dict(out_hidden_size=t["hidden_size"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, **p["vision"]),
+        image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"], vision_end_token_id=special_ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+
+
+def init_weights(model, seed, std=0.02):
+    """Deterministic random weights: normal(0, std) matrices, zero biases, unit norms."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        with torch.no_grad():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
+def _hf_to_ours(key):
+    """Checkpoint names (hub: 'model.layers.0...', 'visual...'; transformers 5: 'model.language_model...')."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
+def _ours_to_hf(key):  # the hub's layout, which every transformers version loads
+    return key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+
+
+def _resolve(name):
+    folder = Path(name)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]))
+    except Exception as e:
+        raise FileNotFoundError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), nor a local folder, nor a "
+                                f"downloadable hub model ({type(e).__name__}: {e})") from None
+
+
+def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None, max_pixels=None):
+    """(model, processor) from a preset name ('tiny'), a local folder, or a hub id like
+    'Qwen/Qwen2.5-VL-7B-Instruct'. min/max_pixels bound the image size the processor resizes to."""
+    if name in PRESETS:
+        tokenizer = byte_tokenizer()
+        config = preset_config(name, len(tokenizer), {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL})
+        image_processor = _image_processor_class()(min_pixels=PRESETS[name]["min_pixels"],
+                                                   max_pixels=PRESETS[name]["max_pixels"])
+        model = Qwen2_5_VL(config)
+        init_weights(model, seed)
+    else:
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+        folder = _resolve(name)
+        config = Qwen2_5_VLConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = _image_processor_class().from_pretrained(folder)
+        model = Qwen2_5_VL(config, empty_text=True)
+        model.model.language_model.to_empty(device="cpu")
+        model.lm_head.to_empty(device="cpu")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        model.to(dtype)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+        state = {_hf_to_ours(k): v for f in files for k, v in load_file(f).items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not fit Qwen2.5-VL: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if min_pixels or max_pixels:
+        image_processor = _image_processor_class()(**{**image_processor.to_dict(), **{
+            k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}})
+    return model.to(dtype=dtype, device=device), Processor(tokenizer, image_processor, config)
+
+
+def save_hf(state_dict, config, processor, folder):
+    """Write a folder that transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained loads."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {_ours_to_hf(k): v.detach().contiguous() for k, v in state_dict.items()
+               if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scaling helpers: activation checkpointing, FSDP2, sizes
+# ----------------------------------------------------------------------------------------------------
+def blocks(model):
+    return list(model.model.language_model.layers) + list(model.model.visual.blocks)
+
+
+def apply_checkpointing(model):
+    """Recompute each decoder and vision block in the backward instead of storing its activations
+    (non-reentrant torch.utils.checkpoint; the same numbers, ~1/3 more compute, far less memory)."""
+    for block in blocks(model):
+        block.forward = _checkpointed(block.forward)
+    return model
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+FSDP_METHODS = ("image_features", "next_token_logits", "completion_logprobs")
+
+
+def apply_fsdp(model, mesh=None, param_dtype=torch.bfloat16, reduce_dtype=torch.float32):
+    """FSDP2: shard every decoder block and vision block across the mesh, then the rest at the root.
+
+    Parameters stay sharded (fp32 master copies) between uses; a block's forward all-gathers it in
+    param_dtype and frees it after, gradients reduce-scatter in reduce_dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for name in FSDP_METHODS:  # FSDP hooks wrap forward(); these entry points need them too
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Unshard FSDP parameters once for a whole rollout instead of once per generated token."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.reshard()
+
+
+def train_flops_per_token(model, context):
+    """Training FLOPs per token (forward + backward): 6 per weight + attention's 12 * L * H * context."""
+    c = model.text
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
+                        and "visual" not in n)
+    return 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * context

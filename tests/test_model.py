@@ -1,0 +1,171 @@
+"""model.py against transformers' Qwen2.5-VL with the same weights, and features that must not change numbers."""
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import data
+import model as M
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m, proc = M.load("tiny", seed=1)
+    # larger images than the preset so that differently sized images give different grids
+    proc.image_processor = M._image_processor_class()(min_pixels=56 * 56, max_pixels=168 * 168)
+    return m.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    m, _ = tiny
+    ref = Qwen2_5_VLForConditionalGeneration(m.config).eval()
+    missing, unexpected = ref.load_state_dict(m.state_dict(), strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return ref
+
+
+def questions(n, seed=0, sizes=((224, 224), (168, 280), (280, 140))):
+    """Real questions with images of several sizes and prompts of several lengths."""
+    eps = data.generate_episodes("pick_up_cup", 2, seed) + data.generate_episodes("push_button", 1, seed)
+    qs = data.build_samples(eps, kinds=("waypoint", "state", "movement"), seed=seed)
+    rng = np.random.default_rng(seed)
+    picked = [qs[i] for i in rng.choice(len(qs), n, replace=False)]
+    for i, s in enumerate(picked):
+        s.image = s.load_image().resize(sizes[i % len(sizes)])
+        s.prompt = s.prompt[: len(s.prompt) - 40 * i]            # different lengths: left padding
+    return picked
+
+
+def hf_kwargs(ref, batch):
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+              image_grid_thw=batch.image_grid_thw)
+    if "mm_token_type_ids" in inspect.signature(ref.forward).parameters:
+        kw["mm_token_type_ids"] = (batch.input_ids == ref.config.image_token_id).int()
+    return kw
+
+
+def test_logits_match_transformers(tiny, hf):
+    m, proc = tiny
+    batch = proc.encode(questions(3))
+    assert len(set(batch.image_grid_thw[:, 1:].prod(1).tolist())) > 1, "images of different sizes"
+    assert (batch.attention_mask == 0).any(), "left padding present"
+    with torch.no_grad():
+        feats = m.image_features(batch.pixel_values, batch.image_grid_thw)
+        hidden, _ = m(batch.input_ids, batch.positions, batch.attention_mask, feats)
+        ours = m.lm_head(hidden)
+        theirs = hf(**hf_kwargs(hf, batch)).logits
+    valid = batch.attention_mask.bool()
+    assert rel(ours[valid], theirs[valid]) < 1e-5
+    assert torch.equal(ours[valid].argmax(-1), theirs[valid].argmax(-1))
+
+
+def test_mrope_positions_match_transformers(tiny, hf):
+    _, proc = tiny
+    batch = proc.encode(questions(3, seed=1))
+    kw = hf_kwargs(hf, batch)
+    args = {k: kw[k] for k in ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids") if k in kw}
+    pos, deltas = hf.model.get_rope_index(**args)
+    valid = batch.attention_mask.bool()
+    assert torch.equal(batch.positions[:, valid], pos[:, valid])
+    assert torch.equal(batch.next_position, valid.sum(1) + deltas.view(-1))
+
+
+def full_sequence_logprobs(m, batch, comp, cmask):
+    """The plain way: each prompt + completion as one sequence, all logits, log_softmax, gather."""
+    G, T = comp.shape[0] // batch.input_ids.shape[0], comp.shape[1]
+    feats = m.image_features(batch.pixel_values, batch.image_grid_thw)
+    sizes = [int(g.prod()) // 4 for g in batch.image_grid_thw]
+    feats_rows = torch.cat([f for f in feats.split(sizes) for _ in range(G)])
+    P = batch.input_ids.shape[1]
+    ids = torch.cat([batch.input_ids.repeat_interleave(G, 0), comp], 1)
+    mask = torch.cat([batch.attention_mask.repeat_interleave(G, 0), cmask], 1)
+    pos_c = batch.next_position.repeat_interleave(G)[:, None] + torch.arange(T)
+    pos = torch.cat([batch.positions.repeat_interleave(G, 1), pos_c.expand(3, -1, -1)], 2)
+    hidden, _ = m(ids, pos, mask, feats_rows)
+    logp = torch.log_softmax(m.lm_head(hidden[:, P - 1:-1]).float(), -1).gather(2, comp[..., None]).squeeze(-1)
+    return logp * cmask
+
+
+def test_shared_prefix_scoring_equals_full_sequences(tiny):
+    """completion_logprobs runs each prompt once for its G completions; it must equal scoring each
+    prompt+completion sequence in full."""
+    m, proc = tiny
+    batch = proc.encode(questions(2, seed=2))
+    G, T = 3, 9
+    comp = torch.randint(0, 256, (2 * G, T))
+    cmask = (torch.arange(T)[None] < torch.tensor([9, 4, 1, 7, 9, 2])[:, None]).long()
+    with torch.no_grad():
+        shared = m.completion_logprobs(batch, comp, cmask)
+        full = full_sequence_logprobs(m, batch, comp, cmask)
+    assert torch.equal(shared == 0, cmask == 0)
+    assert rel(shared[cmask.bool()], full[cmask.bool()]) < 1e-5
+
+
+def test_completion_logprobs_gradients_match_full_sequences(tiny):
+    m, proc = tiny
+    batch = proc.encode(questions(2, seed=3))
+    comp = torch.randint(0, 256, (4, 5))
+    cmask = (torch.arange(5)[None] < torch.tensor([5, 3, 5, 1])[:, None]).long()
+    weights = torch.randn(4, 5)
+    grads = []
+    for score in (lambda: m.completion_logprobs(batch, comp, cmask), lambda: full_sequence_logprobs(m, batch, comp, cmask)):
+        m.zero_grad()
+        (score() * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    m.zero_grad()
+    for n in grads[0]:
+        assert rel(grads[0][n], grads[1][n]) < 1e-4, n
+
+
+def test_checkpointing_keeps_gradients_identical():
+    m, proc = M.load("tiny", seed=2)
+    batch = proc.encode(questions(2, seed=4))
+    comp = torch.randint(0, 256, (4, 6))
+    cmask = torch.ones(4, 6, dtype=torch.long)
+    m.completion_logprobs(batch, comp, cmask).sum().backward()
+    plain = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    M.apply_checkpointing(m)
+    m.completion_logprobs(batch, comp, cmask).sum().backward()
+    for n, p in m.named_parameters():
+        assert torch.equal(plain[n], p.grad), n
+
+
+def test_export_loads_in_transformers_and_back_with_identical_logits(tiny, tmp_path):
+    m, proc = tiny
+    M.save_hf(m.state_dict(), m.config, proc, tmp_path)
+    again, proc2 = M.load(str(tmp_path))
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = proc.encode(questions(2, seed=5))
+    batch2 = proc2.encode(questions(2, seed=5))
+    assert torch.equal(batch.input_ids, batch2.input_ids) and torch.equal(batch.pixel_values, batch2.pixel_values)
+    with torch.no_grad():
+        def ours(model):
+            h, _ = model(batch.input_ids, batch.positions, batch.attention_mask,
+                         model.image_features(batch.pixel_values, batch.image_grid_thw))
+            return model.lm_head(h)
+        a, b = ours(m), ours(again)
+        c = ref(**hf_kwargs(ref, batch)).logits
+    valid = batch.attention_mask.bool()
+    assert torch.equal(a, b)
+    assert rel(a[valid], c[valid]) < 1e-5
+
+
+def test_long_prompt_is_rejected_with_a_clear_error(tiny):
+    _, proc = tiny
+    q = questions(1)[0]
+    with pytest.raises(ValueError, match=r"sample .*: prompt is \d+ tokens, over the limit of 100"):
+        proc.encode([q], max_prompt_len=100)
+
+
+def test_unknown_model_name_says_what_it_accepts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        M.load(str(tmp_path / "nope"))
