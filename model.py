@@ -47,13 +47,10 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def mrope(positions, head_dim, theta, sections, dtype):
-    """positions (3, B, T) -> cos, sin (B, T, head_dim). Frequency j turns with positions[section(j)]."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
-    section = torch.repeat_interleave(torch.arange(3, device=positions.device),
-                                      torch.tensor(sections, device=positions.device))
-    pos = positions.float()[section]                   # (head_dim/2, B, T): each frequency's own position
-    angles = pos.permute(1, 2, 0) * inv_freq            # (B, T, head_dim/2)
+def mrope(positions, inv_freq, section, dtype):
+    """positions (3, B, T) -> cos, sin (B, T, head_dim). Frequency j turns with positions[section[j]]."""
+    pos = positions.float()[section]                    # (head_dim/2, B, T): each frequency's own position
+    angles = pos.permute(1, 2, 0) * inv_freq             # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], -1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -157,6 +154,17 @@ class Qwen2_5_VL(nn.Module):
         rope = getattr(self.text, "rope_parameters", None) or getattr(self.text, "rope_scaling", None) or {}
         self.rope_theta = rope.get("rope_theta", getattr(self.text, "rope_theta", 1e6))
         self.mrope_section = rope.get("mrope_section", [16, 24, 24])
+        self._rope = {}
+
+    def rope_tables(self, device):
+        """Inverse frequencies and each frequency's section (0 t, 1 h, 2 w), made once per device (a
+        CUDA graph capture may not copy from the host)."""
+        if device not in self._rope:
+            d = self.text.hidden_size // self.text.num_attention_heads
+            inv_freq = 1.0 / self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
+            section = torch.cat([torch.full((n,), i) for i, n in enumerate(self.mrope_section)])
+            self._rope[device] = (inv_freq.to(device), section.to(device))
+        return self._rope[device]
 
     # --- the pieces ---------------------------------------------------------------------------------
     def image_features(self, pixel_values, image_grid_thw):
@@ -181,8 +189,7 @@ class Qwen2_5_VL(nn.Module):
             is_image = (input_ids == self.config.image_token_id)[..., None]
             x = x.masked_scatter(is_image, image_features.to(x.dtype))
         T = input_ids.shape[1]
-        cos, sin = mrope(positions, x.shape[-1] // self.text.num_attention_heads, self.rope_theta,
-                         self.mrope_section, x.dtype)
+        cos, sin = mrope(positions, *self.rope_tables(x.device), x.dtype)
         valid = mask_valid.bool()
         if cache is not None:
             slots = slot + torch.arange(T, device=x.device)
