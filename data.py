@@ -20,6 +20,7 @@ for 8 tasks, so that the whole method runs with no outside data.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -42,7 +43,8 @@ TABLE_Z = 0.752
 WORKSPACE = (np.array([-0.05, -0.35, 0.77]), np.array([0.55, 0.35, 1.25]))
 TRAIN_TASKS = ("pick_up_cup", "push_button", "put_rubbish_in_bin", "phone_on_base", "take_lid_off_saucepan")
 HELDOUT_TASKS = ("stack_blocks", "reach_target", "slide_block_to_target")
-KINDS = ("waypoint", "state", "movement", "waypoint_open")
+KINDS = ("waypoint", "state", "movement", "waypoint_open")      # built from demonstrations
+PROBE = "probe"                                                  # built by probe_samples
 LETTERS = "ABCD"
 
 
@@ -302,20 +304,22 @@ def _pick(body, label, lift=0.2, approach=0.12):
             Keyframe(_above(g, lift), False, f"lift the {label}")]
 
 
-def _place(body, label, target_xyz, held_rest, drop=0.0):
-    """Keyframes that carry the held body above target_xyz, lower it (by drop) and release it."""
+def _place(body, label, target_xyz, held_rest, where, drop=0.0):
+    """Keyframes that carry the held body above target_xyz (`where`), lower it (by drop), release it."""
     over = _above(target_xyz, held_rest + 0.12)
-    kfs = [Keyframe(over, False, f"move the {label} over the target")]
+    kfs = [Keyframe(over, False, f"move the {label} over {where}")]
     if drop:
         kfs.append(Keyframe(_above(target_xyz, held_rest + drop), False, f"lower the {label}"))
-    kfs[-1] = Keyframe(kfs[-1].xyz, True, f"release the {label}")
+    kfs[-1] = Keyframe(kfs[-1].xyz, True, f"release the {label} {'onto' if drop else 'over'} {where}")
     return kfs
 
 
 class Task:
-    """One task family. Subclasses give setup(rng) -> (bodies, words), plan(scene), success(scene)."""
+    """One task family. Subclasses give setup(rng) -> (bodies, words), plan(scene), success(scene), and
+    `target`: (body name, description) of the object the task is about."""
     phrasings: tuple = ()
     start_open = True
+    target = ("", "")
 
     def reset(self, rng):
         bodies, words = self.setup(rng)
@@ -326,6 +330,7 @@ class Task:
 
 
 class PickUpCup(Task):
+    target = ("cup_0", "{c} cup")
     phrasings = ("pick up the {c} cup", "grasp the {c} cup and lift it", "lift the {c} cup off the table")
 
     def setup(self, rng):
@@ -340,6 +345,7 @@ class PickUpCup(Task):
 
 
 class PushButton(Task):
+    target = ("button", "{c} button")
     phrasings = ("push the {c} button", "press the {c} button", "press down on the {c} button")
     start_open = False
 
@@ -362,6 +368,7 @@ class PushButton(Task):
 
 
 class PutRubbishInBin(Task):
+    target = ("rubbish", "rubbish")
     phrasings = ("put the rubbish in the bin", "drop the rubbish into the bin", "throw away the trash")
 
     def setup(self, rng):
@@ -376,7 +383,7 @@ class PutRubbishInBin(Task):
 
     def plan(self, scene):
         return _pick(scene.bodies["rubbish"], "rubbish") + _place(scene.bodies["rubbish"], "rubbish",
-                                                                   scene.bodies["bin"].xyz, 0.11)
+                                                                   scene.bodies["bin"].xyz, 0.11, "the bin")
 
     def success(self, scene):
         r, b = scene.bodies["rubbish"], scene.bodies["bin"]
@@ -384,6 +391,7 @@ class PutRubbishInBin(Task):
 
 
 class PhoneOnBase(Task):
+    target = ("phone", "phone")
     phrasings = ("put the phone on the base", "put the phone on the charging base", "charge the phone")
 
     def setup(self, rng):
@@ -397,7 +405,7 @@ class PhoneOnBase(Task):
 
     def plan(self, scene):
         phone, base = scene.bodies["phone"], scene.bodies["base"]
-        return _pick(phone, "phone", lift=0.15) + _place(phone, "phone", _above(base.xyz, 0.02), 0.01, drop=0.02)
+        return _pick(phone, "phone", lift=0.15) + _place(phone, "phone", _above(base.xyz, 0.02), 0.01, "the base", drop=0.02)
 
     def success(self, scene):
         p, b = scene.bodies["phone"], scene.bodies["base"]
@@ -405,6 +413,7 @@ class PhoneOnBase(Task):
 
 
 class TakeLidOffSaucepan(Task):
+    target = ("lid", "saucepan lid")
     phrasings = ("take the lid off the saucepan", "remove the lid from the pan", "lift the lid off the saucepan")
 
     def setup(self, rng):
@@ -425,6 +434,7 @@ class TakeLidOffSaucepan(Task):
 
 
 class StackBlocks(Task):
+    target = ("block_0", "{a} block")
     phrasings = ("stack the {a} block on the {b} block", "put the {a} block on top of the {b} block")
 
     def setup(self, rng):
@@ -435,7 +445,7 @@ class StackBlocks(Task):
     def plan(self, scene):
         a, b = scene.bodies["block_0"], scene.bodies["block_1"]
         return _pick(a, f"{scene.words['a']} block", lift=0.15) + _place(
-            a, f"{scene.words['a']} block", _above(b.xyz, 0.05), 0.03, drop=0.005)
+            a, f"{scene.words['a']} block", _above(b.xyz, 0.05), 0.03, f"the {scene.words['b']} block", drop=0.005)
 
     def success(self, scene):
         a, b = scene.bodies["block_0"], scene.bodies["block_1"]
@@ -443,6 +453,7 @@ class StackBlocks(Task):
 
 
 class ReachTarget(Task):
+    target = ("target_0", "{c} target")
     phrasings = ("reach the {c} target", "touch the {c} ball with the gripper", "move to the {c} target")
 
     def setup(self, rng):
@@ -458,6 +469,7 @@ class ReachTarget(Task):
 
 
 class SlideBlockToTarget(Task):
+    target = ("block", "blue block")
     phrasings = ("slide the block to the target", "push the block onto the green square")
     start_open = False
 
@@ -526,7 +538,7 @@ JOINT_MAP = np.random.default_rng(7).normal(size=(7, 3)) * 2.5
 DT = 0.05                     # RLBench records at 20 Hz
 
 
-def demonstrate(task, seed, speed=0.008):
+def demonstrate(task, seed, speed=0.008, name=None):
     """Run the scripted expert once. Returns (Episode, final Scene).
 
     Between keyframes the arm moves with a sine speed profile that never drops below 30% of its peak,
@@ -563,8 +575,9 @@ def demonstrate(task, seed, speed=0.008):
             b.xyz = xyz
         return render(proto, positions[i], grip[i] > 0.5)
 
-    ep = Episode(Frames(len(pos), load), positions, np.array(grip), jv, instruction, task, f"{task}/{seed}",
+    ep = Episode(Frames(len(pos), load), positions, np.array(grip), jv, instruction, task, name or f"{task}/{seed}",
                  FRONT_CAMERA, {"keyframes": keyframes, "subtasks": [k.label for k in plan], "bodies": names,
+                                "target": TASKS[task].target[0], "target_name": TASKS[task].target[1].format(**scene.words),
                                 "body_xyz": bodies_t, "success": bool(TASKS[task].success(scene))})
     return ep, scene
 
@@ -573,7 +586,7 @@ def generate_episodes(task, n, seed=0):
     """n expert demonstrations of a built-in task, deterministic for (task, n, seed)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
-    return [demonstrate(task, [seed, list(TASKS).index(task), i])[0] for i in range(n)]
+    return [demonstrate(task, [seed, list(TASKS).index(task), i], name=f"{task}/ep{i:03d}")[0] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -774,6 +787,20 @@ The reasoning process MUST BE enclosed within <think> </think> tags and the fina
 enclosed within <answer> </answer> tags, e.g. <think> [detailed reasoning process] </think> <answer> {example} </answer>"""
 
 
+def template_corpus():
+    """The fixed text of every prompt and answer (no question data): what a tokenizer for this
+    domain should compress (model.py's tiny preset trains its BPE on it)."""
+    texts = [HEADER.format(task=p.format(c=c, a=c, b="blue")) for t in TASKS.values() for p in t.phrasings
+             for c in COLOURS]
+    moves = [{a: m for a, m in zip(range(3), combo) if m} for combo in itertools.product(
+        [None, (True, False), (False, False), (True, True), (False, True)], repeat=3)]
+    texts += [_phrase(m) for m in moves] + [STATE_BLOCK.format(xyz="[0.123, -0.456, 0.789]"), *QUESTIONS.values(),
+                                            "## Choice Question\nChoose the most accurate option:\n", "## Question\n"]
+    texts += [OUTPUT_FORMAT.format(example=e) for e in ("[[A]]", "[x, y, z]")]
+    texts += [f"<think> {w} </think> <answer> [[{x}]] </answer>" for w in ("", "the gripper") for x in LETTERS]
+    return texts
+
+
 def fmt_xyz(p):
     return "[" + ", ".join(f"{v:.3f}".replace("-0.000", "0.000") for v in p) + "]"
 
@@ -787,6 +814,29 @@ def make_prompt(kind, instruction, current_xyz, options=()):
     lines = "\n".join(f"[[{LETTERS[i]}]] {o}" for i, o in enumerate(options))
     return (text + "## Choice Question\n" + QUESTIONS[kind] + "\nChoose the most accurate option:\n" + lines + "\n"
             + OUTPUT_FORMAT.format(example="[[A]]"))
+
+
+PROBE_COLOURS = ("red", "green", "blue", "yellow")
+
+
+def probe_samples(n, seed=0):
+    """A sanity task beside Robot-R1's questions: "what colour is the mat on the table?", with the
+    options in a fixed order, so that the answer is in the image alone. It is a scene-wide cue: the
+    tiny preset (1M parameters, random start) learns it within minutes of GRPO on a CPU, which it
+    does not for Robot-R1's questions (it also does not for a small coloured block: measured, see the
+    README). Real checkpoints train without it."""
+    rng = np.random.default_rng([seed, 31])
+    out = []
+    for i in range(n):
+        k = int(rng.integers(4))
+        mat = _box("mat", [0.2 + rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05), TABLE_Z], (0.55, 0.8, 0.005),
+                   COLOURS[PROBE_COLOURS[k]])
+        image = render([mat], rng.uniform([0.0, -0.25, 0.85], [0.45, 0.25, 1.1]), True)
+        prompt = "<image>\nWhat colour is the mat on the table?\nChoose the most accurate option:\n" + "\n".join(
+            f"[[{L}]] {c}" for L, c in zip(LETTERS, PROBE_COLOURS)) + "\n" + OUTPUT_FORMAT.format(example="[[A]]")
+        out.append(Sample(f"probe/{i:05d}", PROBE, PROBE, image, prompt, list(PROBE_COLOURS), LETTERS[k],
+                          PROBE_COLOURS[k]))
+    return out
 
 
 def _distractor_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
@@ -811,7 +861,8 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
     from tqdm import tqdm
     for k in kinds:
         if k not in KINDS:
-            raise ValueError(f"unknown question kind {k!r}; choose from {KINDS}")
+            raise ValueError(f"unknown question kind {k!r} for demonstrations; choose from {KINDS} "
+                             "(probe questions come from probe_samples)")
     slots = []                                 # (episode index, frame, keypoint frame)
     skipped = 0
     for e, ep in enumerate(episodes):
@@ -874,8 +925,9 @@ def save_samples(samples, out, manifest=None, progress=True):
     with open(tmp, "w") as f:
         for s in tqdm(samples, desc="writing", unit="q", disable=not progress):
             key = id(s.image)
-            if key not in names:
-                names[key] = f"images/{s.id.rsplit('/', 1)[0].replace('/', '_')}.png"
+            if key not in names:                  # one file per distinct image, numbered, named after the frame
+                stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in s.id.rsplit("/", 1)[0])
+                names[key] = f"images/{len(names):06d}_{stem}.png"
                 s.load_image().save(out / names[key])
             rec = {**asdict(s), "image": names[key]}
             f.write(json.dumps(rec) + "\n")
@@ -905,8 +957,8 @@ def load_samples(folder):
             for key, typ in REQUIRED.items():
                 if not isinstance(rec.get(key), typ):
                     raise ValueError(f"{path}:{line_no}: field {key!r} missing or not a {typ.__name__}")
-            if rec["kind"] not in KINDS:
-                raise ValueError(f"{path}:{line_no}: kind {rec['kind']!r} is not one of {KINDS}")
+            if rec["kind"] not in KINDS + (PROBE,):
+                raise ValueError(f"{path}:{line_no}: kind {rec['kind']!r} is not one of {KINDS + (PROBE,)}")
             image = folder / rec["image"]
             if not image.exists():
                 raise FileNotFoundError(f"{path}:{line_no}: image {image} does not exist")

@@ -390,14 +390,22 @@ PRESETS = {  # random-weight models in Qwen2.5-VL's architecture
 }
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer (every byte one token) with Qwen's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def bpe_tokenizer(vocab_size=1024):
+    """A byte-level BPE tokenizer, like Qwen's, trained here on Robot-R1's prompt templates (data.py's
+    template_corpus: fixed text, no answers), with Qwen's special tokens and chat template. Digits,
+    newlines, option labels [[A]]..[[D]] and the think/answer tags stay separate tokens.
+    Deterministic: the same corpus gives the same vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    from data import template_corpus
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\[\[[A-D]\]\]|</?think>|</?answer>|\d|\n"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(template_corpus() * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        max_token_length=48))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=QWEN_SPECIAL)
     fast.chat_template = CHAT_TEMPLATE
@@ -461,7 +469,7 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
     """(model, processor) from a preset name ('tiny'), a local folder, or a hub id like
     'Qwen/Qwen2.5-VL-7B-Instruct'. min/max_pixels bound the image size the processor resizes to."""
     if name in PRESETS:
-        tokenizer = byte_tokenizer()
+        tokenizer = bpe_tokenizer()
         config = preset_config(name, len(tokenizer), {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL})
         image_processor = _image_processor_class()(min_pixels=PRESETS[name]["min_pixels"],
                                                    max_pixels=PRESETS[name]["max_pixels"])

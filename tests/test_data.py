@@ -151,14 +151,36 @@ def test_dataset_folder_round_trip_and_preview(tmp_path, episodes):
     back = data.load_samples(tmp_path)
     assert [(s.id, s.prompt, s.options, s.answer, s.target) for s in back] == \
            [(s.id, s.prompt, s.options, s.answer, s.target) for s in samples]
-    assert np.array_equal(np.asarray(back[0].load_image()), np.asarray(samples[0].load_image()))
+    for a, b in zip(back, samples):
+        assert np.array_equal(np.asarray(a.load_image()), np.asarray(b.load_image())), a.id
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["samples"] == len(samples) and manifest["seed"] == 0
     sheet = data.contact_sheet(back, n=4)
     assert sheet.size[0] > 1000 and np.asarray(sheet).std() > 10
 
 
+def test_probe_answers_are_in_the_image_alone():
+    qs = data.probe_samples(40, seed=2)
+    assert {q.prompt.split("<image>")[1] for q in qs} == {qs[0].prompt.split("<image>")[1]}    # one text for all
+    assert Counter(q.answer for q in qs).keys() == set("ABCD")
+    for q in qs[:8]:                 # the mat's colour is the most common colour in the picture's lower half
+        px = np.asarray(q.image)[150:].reshape(-1, 3).astype(int)
+        rgb = np.array(data.COLOURS[q.target])
+        assert (np.abs(px - rgb).sum(1) < 90).mean() > 0.2
+
+
 # --- the simulator ------------------------------------------------------------------------------------
+def test_every_distinct_image_gets_its_own_file(tmp_path):
+    rng = np.random.default_rng(0)
+    qs = [data.Sample(f"probe/{i}", "probe", "state", Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)),
+                      "<image>", ["a", "b", "c", "d"], "A", "a") for i in range(5)]
+    data.save_samples(qs, tmp_path, progress=False)
+    back = data.load_samples(tmp_path)
+    assert len({s.image for s in back}) == 5
+    for a, b in zip(back, qs):
+        assert np.array_equal(np.asarray(a.load_image()), np.asarray(b.image))
+
+
 def test_projected_gripper_lands_between_the_rendered_fingers():
     rng = np.random.default_rng(0)
     for _ in range(8):

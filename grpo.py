@@ -1,0 +1,585 @@
+"""grpo.py: Robot-R1's training loop: GRPO on Qwen2.5-VL, from one CPU to FSDP on 8 GPUs.
+
+    python grpo.py                                             # tiny model, built-in tabletop data, CPU
+    torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct
+    python grpo.py --help                                      # every setting, with the paper's defaults
+
+One step, as the code below reads (PAPER.md §5 for the numbers):
+  1. rollout    `rollout_prompts` questions, G completions each (sample.py); every rank samples its share
+  2. reward     format + answer for every completion (reward.py)
+  3. advantage  A = (r - mean of its group) / (std of its group + 1e-6)  (kernels.py)
+  4. update     the rollout in `update_prompts` slices, one optimizer step each, micro-batched:
+                log-probs (model.completion_logprobs) -> grpo_loss -> backward -> clip -> AdamW
+  5. record     metrics.jsonl, curves.png, completions.jsonl, checkpoints/, and at the end final/
+GRPO needs no value network: the G samples of a prompt are each other's baseline. A group where every
+sample scored the same (all right or all wrong) has zero advantage and teaches nothing.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+import reward
+from kernels import group_advantages
+from sample import generate
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    """Robot-R1 GRPO. Settings left unset take their preset: the paper's recipe for a real checkpoint,
+    a CPU-sized one for a preset model ('tiny')."""
+    model: str = "tiny"
+    """preset name ('tiny'), local folder, or hub id such as Qwen/Qwen2.5-VL-7B-Instruct"""
+    dataset: str = "tabletop"
+    """'tabletop' (the built-in simulator; written to OUT/data) or a dataset folder written by data.py"""
+    tasks: tuple[str, ...] = data.TRAIN_TASKS
+    """tabletop tasks to train on"""
+    episodes: int | None = None
+    """tabletop demonstrations per task [paper 50, tiny 12; unused by the probe]"""
+    kinds: tuple[str, ...] | None = None
+    """question kinds: waypoint, state, movement, waypoint_open, and probe (data.probe_samples: an
+    image-dependent sanity question a tiny model can learn on a CPU) [paper: waypoint state movement;
+    tiny: probe]"""
+    rewards: str = "format=1,choice=1,l1=1"
+    """reward components and weights (reward.py's REWARDS); R = format + answer by default"""
+    out: Path = Path("runs/robot_r1")
+    """run folder: metrics, curves, completions, checkpoints, final export"""
+    seed: int = 0
+    group_size: int | None = None
+    """G, completions per prompt [paper 5, tiny 8]"""
+    temperature: float = 1.0
+    top_p: float = 0.99
+    rollout_prompts: int | None = None
+    """prompts per step, all ranks together [paper 512, tiny 16]"""
+    update_prompts: int | None = None
+    """prompts per optimizer step; rollout_prompts / update_prompts steps per rollout [paper 128, tiny 16]"""
+    micro_prompts: int | None = None
+    """prompts (with their G completions) per forward/backward on one rank [paper 4, tiny 16]"""
+    gen_prompts: int | None = None
+    """prompts per generation batch on one rank [paper 16, tiny 16]"""
+    epochs: float | None = None
+    """passes over the questions [paper 5]"""
+    steps: int | None = None
+    """rollout steps; overrides epochs [tiny 250]"""
+    max_prompt_len: int = 2048
+    max_new_tokens: int | None = None
+    """[paper 2048, tiny 24]"""
+    lr: float | None = None
+    """AdamW learning rate, constant [paper 1e-6, tiny 1e-3]"""
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    """PPO ratio clip below: 1 - clip_low"""
+    clip_high: float = 0.3
+    """PPO ratio clip above: 1 + clip_high"""
+    dual_clip: float = 3.0
+    """caps the loss of negative-advantage tokens at -A * dual_clip"""
+    beta: float = 1e-2
+    """k3 KL penalty coefficient against the starting model; 0 loads no reference model. It also rescues
+    a run whose rewards all drop to 0 (no group has any signal then, only the KL term pulls back)"""
+    loss_agg: Literal["token", "sequence"] = "token"
+    """'token': mean over all tokens of the update batch; 'sequence': mean of per-sequence means"""
+    scale_advantages: bool = True
+    """divide by the group std (GRPO); False: mean-centred only (Dr. GRPO)"""
+    filter_groups: bool = False
+    """drop zero-variance groups from the update (DAPO's dynamic sampling filter)"""
+    flip_advantages: bool = False
+    """negate every advantage: a control run that must not learn"""
+    min_pixels: int | None = None
+    """image resize bounds [paper 262144 .. 4194304; tiny: its preset's]"""
+    max_pixels: int | None = None
+    checkpointing: bool | None = None
+    """activation checkpointing per block [paper on, tiny off]"""
+    format_warmup: int | None = None
+    """preset models only: supervised steps on the answer format with random letters [tiny 50, real 0]"""
+    save_every: int = 10
+    """checkpoint every n steps (and at the end)"""
+    resume: bool = False
+    """continue from OUT/checkpoints/latest"""
+    export: bool = True
+    """write OUT/final in Hugging Face format at the end"""
+    log_samples: int = 6
+    """completions per step written to completions.jsonl"""
+    max_bad_steps: int = 3
+    """abort after this many optimizer steps in a row with a NaN/Inf loss or gradient"""
+
+
+PAPER = dict(kinds=("waypoint", "state", "movement"), episodes=50, group_size=5, rollout_prompts=512, update_prompts=128, micro_prompts=4, gen_prompts=16,
+             epochs=5.0, max_new_tokens=2048, lr=1e-6, min_pixels=262144, max_pixels=4194304, checkpointing=True,
+             format_warmup=0)
+TINY = dict(kinds=("probe",), episodes=12, group_size=8, rollout_prompts=16, update_prompts=16,
+            micro_prompts=16, gen_prompts=16, steps=250, max_new_tokens=24, lr=1e-3, checkpointing=False,
+            format_warmup=100)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill unset settings from the preset that fits the model, and check they fit together."""
+    preset = TINY if cfg.model in M.PRESETS else PAPER
+    cfg = Config(**{f.name: getattr(cfg, f.name) if getattr(cfg, f.name) is not None else preset.get(f.name)
+                    for f in fields(cfg)})
+    if cfg.rollout_prompts % cfg.update_prompts:
+        raise ValueError(f"--rollout_prompts {cfg.rollout_prompts} must be a multiple of --update_prompts {cfg.update_prompts}")
+    if cfg.steps is None and cfg.epochs is None:
+        raise ValueError("set --epochs or --steps")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GRPO objective
+# ----------------------------------------------------------------------------------------------------
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+    """Clipped policy-gradient loss with a k3 KL penalty, averaged over the batch. -> (loss, stats)
+
+    logp, old_logp, ref_logp (None: no KL), mask: (R, T) per completion token; advantages: (R,).
+    Per token, with ratio = exp(logp - old_logp):
+        pg = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))     PPO's pessimistic bound
+        pg = min(pg, -A dual_clip)   where A < 0                            dual clip: no runaway losses
+        kl = exp(ref - logp) - (ref - logp) - 1                               k3: unbiased, always >= 0
+        loss = pg + beta * kl
+    With one update per rollout, old_logp = logp.detach(): ratio = 1 and the gradient is -A grad logp.
+    """
+    A = advantages[:, None].to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    pg1, pg2 = -A * ratio, -A * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    pg = torch.maximum(pg1, pg2)
+    pg3 = -A * cfg.dual_clip
+    dual = (A < 0) & (pg3 < pg)
+    pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
+    per_token, kl = pg, torch.zeros_like(pg)
+    if ref_logp is not None and cfg.beta > 0:
+        d = (ref_logp - logp).clamp(-20, 20)
+        kl = (torch.exp(d) - d - 1).clamp(-10, 10)
+        per_token = pg + cfg.beta * kl
+    m = mask.to(logp.dtype)
+    if cfg.loss_agg == "token":
+        loss = (per_token * m).sum() / m.sum().clamp_min(1)
+    else:
+        rows = m.sum(1) > 0
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp_min(1))[rows].sum() / rows.sum().clamp_min(1)
+    n = m.sum().clamp_min(1)
+    clipped = (pg2 > pg1).to(m.dtype) * m
+    stats = {"loss": loss.item(), "pg_loss": ((pg * m).sum() / n).item(), "kl": ((kl * m).sum() / n).item(),
+             "clip_low": ((clipped * (A < 0)).sum() / n).item(), "clip_high": ((clipped * (A > 0)).sum() / n).item(),
+             "dual_clip": ((dual * m).sum() / n).item(), "ratio": ((ratio * m).sum() / n).item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup: ranks, data, models
+# ----------------------------------------------------------------------------------------------------
+def setup_distributed():
+    """torchrun gives RANK/WORLD_SIZE: one process per GPU (NCCL), or CPU processes (gloo) for tests.
+    A single GPU also runs as a 1-rank group, so that FSDP's bf16/fp32 mixed precision applies."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ or cuda:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cpu")
+
+
+def load_questions(cfg, rank):
+    """The training questions: a data.py folder, or the tabletop simulator's, written once to OUT/data
+    (with probe questions, as many as all the others together or 512, when `probe` is among the kinds)."""
+    if cfg.dataset != "tabletop":
+        return data.load_samples(cfg.dataset)
+    folder = cfg.out / "data"
+    if rank == 0 and not (folder / "samples.jsonl").exists():
+        eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)]
+        kinds = [k for k in cfg.kinds if k != "probe"]
+        samples = data.build_samples(eps, kinds, seed=cfg.seed, progress=True) if kinds else []
+        if "probe" in cfg.kinds:
+            samples += data.probe_samples(len(samples) or 512, cfg.seed)
+        data.save_samples(samples, folder, {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes,
+                                            "kinds": list(cfg.kinds)})
+    barrier()
+    return data.load_samples(folder)
+
+
+def step_questions(n, step, cfg, rank, world):
+    """This rank's question indices for a step: a slice of the seeded per-epoch permutations, so the
+    order depends only on (seed, step): the same after a resume, whatever the number of ranks."""
+    idx = []
+    for pos in range(step * cfg.rollout_prompts, (step + 1) * cfg.rollout_prompts):
+        epoch, k = divmod(pos, n)
+        idx.append(int(np.random.default_rng([cfg.seed, epoch]).permutation(n)[k]))
+    per = cfg.rollout_prompts // world
+    mine = list(range(rank * per, (rank + 1) * per)) if cfg.rollout_prompts % world == 0 else list(
+        range(rank, cfg.rollout_prompts, world))
+    # a prompt's seed depends on (seed, step, its place in the step): sampling is rank-independent
+    return [idx[i] for i in mine], [(cfg.seed * 1_000_003 + step * 10_007 + i) % (2 ** 31) for i in mine]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values, device):
+    """Sum a list of floats over ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def wrap(model, cfg, device, train):
+    """Checkpointing and FSDP for a model; a frozen reference gets FSDP without gradients."""
+    if train and cfg.checkpointing:
+        M.apply_checkpointing(model)
+    if dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        low = torch.bfloat16 if device.type == "cuda" else torch.float32
+        M.apply_fsdp(model, mesh, param_dtype=low, reduce_dtype=torch.float32)
+    else:
+        model.to(device)
+    if not train:
+        model.requires_grad_(False)
+    return model.train(train)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phase 0 (preset models only): the answer format
+# ----------------------------------------------------------------------------------------------------
+def format_warmup(model, processor, questions, cfg, device, log):
+    """A random-weight model cannot write '<think> .. </think> <answer> [[X]] </answer>' by chance, so
+    GRPO would see only zero rewards. Real checkpoints bring this from instruction tuning; a preset
+    model gets it here, by supervised steps on that format with the letter X drawn at random: it
+    learns how to answer, not what (its answers stay at chance, 25%)."""
+    rng = np.random.default_rng([cfg.seed, 77])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    model.to(device).train()
+    for step in range(cfg.format_warmup):
+        chunk = [questions[i] for i in rng.choice(len(questions), min(16, len(questions)), replace=False)]
+        answers = [f"[[{rng.choice(list(data.LETTERS))}]]" if q.options else data.fmt_xyz(rng.uniform(*data.WORKSPACE))
+                   for q in chunk]
+        texts = [f"<think> the gripper </think> <answer> {a} </answer>" for a in answers]
+        ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + processor.eos_ids[:1] for t in texts]
+        T = max(map(len, ids))
+        tokens = torch.tensor([i + [processor.pad_id] * (T - len(i)) for i in ids], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i in ids], device=device)
+        logp = model.completion_logprobs(processor.encode(chunk, cfg.max_prompt_len).to(device), tokens, mask)
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == cfg.format_warmup - 1:
+            log(f"format warm-up {step + 1}/{cfg.format_warmup}: loss {loss.item():.3f}")
+    model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phases 1-3: rollout, reward, advantage
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One prompt and its G completions."""
+    question: data.Sample
+    tokens: torch.Tensor        # (G, T)
+    mask: torch.Tensor          # (G, T)
+    texts: list
+    scores: list                # G dicts of reward components and 'total'
+    advantages: torch.Tensor = None   # (G,)
+    old_logp: torch.Tensor = None     # (G, T) when the rollout feeds several optimizer steps
+
+
+def rollout(policy, processor, questions, seeds, cfg, weights, device):
+    """Phases 1-3 for this rank's questions: sample, score, and group-normalise the rewards."""
+    groups = []
+    policy.eval()
+    for i in range(0, len(questions), cfg.gen_prompts):
+        chunk = questions[i:i + cfg.gen_prompts]
+        batch = processor.encode(chunk, cfg.max_prompt_len).to(device)
+        out = generate(policy, batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                       processor.eos_ids, torch.tensor(seeds[i:i + cfg.gen_prompts]), processor.pad_id)
+        texts = processor.decode(out.tokens, out.mask)
+        G = cfg.group_size
+        for b, q in enumerate(chunk):
+            t = texts[b * G:(b + 1) * G]
+            groups.append(Group(q, out.tokens[b * G:(b + 1) * G], out.mask[b * G:(b + 1) * G], t,
+                                [reward.score(x, q, weights) for x in t]))
+    rewards = torch.tensor([s["total"] for g in groups for s in g.scores], device=device)
+    adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages)
+    adv = -adv if cfg.flip_advantages else adv
+    for g, a in zip(groups, adv.view(len(groups), -1)):
+        g.advantages = a
+    policy.train()
+    return groups
+
+
+def micro_batch(groups, processor, cfg, device):
+    """Stack groups into (prompt batch, completions (R, T), mask, advantages), trimmed to the longest."""
+    batch = processor.encode([g.question for g in groups], cfg.max_prompt_len).to(device)
+    mask = torch.cat([g.mask for g in groups])
+    T = max(int(mask.sum(1).max()), 1)
+    return batch, torch.cat([g.tokens for g in groups])[:, :T], mask[:, :T], torch.cat([g.advantages for g in groups])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phase 4: the update
+# ----------------------------------------------------------------------------------------------------
+def update(policy, ref, opt, groups, processor, cfg, device, world, state):
+    """Optimizer steps over this rank's rollout, `update_prompts` (all ranks) at a time. -> mean stats
+
+    The loss of a micro-batch is its mean, reweighted by its share of the whole update batch (tokens
+    or sequences, counted over all ranks) times the world size, since FSDP averages gradients over
+    ranks: the sum over micro-batches and ranks is then exactly the update batch's mean.
+    """
+    G, per_rank = cfg.group_size, cfg.update_prompts // world
+    n_updates = len(groups) // per_rank
+    if n_updates > 1:                                   # the rollout policy's log-probs, before any step
+        with torch.no_grad():
+            for i in range(0, len(groups), cfg.micro_prompts):
+                part = groups[i:i + cfg.micro_prompts]
+                batch, comp, mask, _ = micro_batch(part, processor, cfg, device)
+                logp = policy.completion_logprobs(batch, comp, mask, cfg.temperature)
+                for k, g in enumerate(part):
+                    g.old_logp = logp[k * G:(k + 1) * G]
+    sums = {}
+    for u in range(n_updates):
+        part = groups[u * per_rank:(u + 1) * per_rank]
+        # DAPO's filter: groups with no signal leave the loss (their rows still run, keeping ranks in step)
+        keep = [not (cfg.filter_groups and bool((g.advantages == 0).all())) for g in part]
+        tokens, seqs = all_sum([float(sum(int(g.mask.sum()) for g, k in zip(part, keep) if k)),
+                                float(sum(keep) * G)], device)
+        total = max(tokens if cfg.loss_agg == "token" else seqs, 1.0)
+        for i in range(0, len(part), cfg.micro_prompts):
+            batch, comp, mask, adv = micro_batch(part[i:i + cfg.micro_prompts], processor, cfg, device)
+            loss_mask = mask * torch.tensor(keep[i:i + cfg.micro_prompts], device=device).repeat_interleave(G)[:, None]
+            ref_logp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logp = ref.completion_logprobs(batch, comp, mask, cfg.temperature)
+            logp, ent = policy.completion_logprobs(batch, comp, mask, cfg.temperature, return_entropy=True)
+            old = torch.cat([g.old_logp[:, :comp.shape[1]] for g in part[i:i + cfg.micro_prompts]]) \
+                if n_updates > 1 else logp.detach()
+            loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg)
+            count = float(loss_mask.sum()) if cfg.loss_agg == "token" else float((loss_mask.sum(1) > 0).sum())
+            (loss * (count / total * world)).backward()
+            st["entropy"] = float((ent * mask).sum() / mask.sum().clamp_min(1))
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v * count
+            sums["_count"] = sums.get("_count", 0.0) + count
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+        if not (math.isfinite(grad_norm) and math.isfinite(sums.get("loss", 0.0))):
+            opt.zero_grad(set_to_none=True)             # skip: parameters untouched
+            state["bad_streak"] += 1
+            state["skipped"] += 1
+            if state["bad_streak"] >= cfg.max_bad_steps:
+                raise RuntimeError(f"{state['bad_streak']} optimizer steps in a row had a NaN/Inf loss or gradient "
+                                   f"(grad norm {grad_norm}); stopping. Lower --lr, or check the data and the model.")
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["bad_streak"] = 0
+    count = max(sums.pop("_count", 1.0), 1.0)
+    out = {k: v / count for k, v in sums.items() if k != "grad_norm"}
+    out["grad_norm"] = sums["grad_norm"] / n_updates
+    return out
+
+
+def rollout_stats(groups, device):
+    """Means over this step's completions, all ranks: reward components, accuracy per question kind,
+    completion length, and the fraction of groups whose samples all scored the same."""
+    sums = {}                                       # name -> [sum, count]
+
+    def add(name, value):
+        s = sums.setdefault(name, [0.0, 0.0])
+        s[0] += float(value)
+        s[1] += 1.0
+    for g in groups:
+        for score, m in zip(g.scores, g.mask):
+            for comp, v in score.items():
+                add(f"reward/{comp}", v)
+            add(f"acc/{g.question.kind}", score.get("choice" if g.question.options else "l1", 0.0))
+            add("length", m.sum())
+        add("zero_variance_groups", all(s["total"] == g.scores[0]["total"] for s in g.scores))
+    names = sorted(sums)
+    if dist.is_initialized():                       # ranks may have drawn different question kinds
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, names)
+        names = sorted(set().union(*every))
+    flat = all_sum([x for n in names for x in sums.get(n, [0.0, 0.0])], device)
+    return {n: flat[2 * i] / flat[2 * i + 1] for i, n in enumerate(names) if flat[2 * i + 1] > 0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phase 5: records, checkpoints, export
+# ----------------------------------------------------------------------------------------------------
+def save_checkpoint(policy, opt, cfg, step, state, rank):
+    """Sharded checkpoint (torch.distributed.checkpoint): every rank writes its shards. Written to
+    step_N.tmp, renamed when complete, then `latest` is switched: a crash mid-write loses nothing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    root = cfg.out / "checkpoints"
+    name = f"step_{step:06d}"
+    tmp = root / (name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    barrier()
+    dcp.save({"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, opt)},
+             checkpoint_id=str(tmp))
+    barrier()
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({**state, "step": step}))
+        shutil.rmtree(root / name, ignore_errors=True)
+        tmp.rename(root / name)
+        (root / "latest.tmp").write_text(name)
+        (root / "latest.tmp").replace(root / "latest")
+        for old in sorted(root.glob("step_??????"))[:-2]:          # keep the last two
+            shutil.rmtree(old)
+    barrier()
+
+
+def load_checkpoint(policy, opt, cfg):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    folder = cfg.out / "checkpoints" / (cfg.out / "checkpoints" / "latest").read_text().strip()
+    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, opt)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(policy, state["model"])
+    set_optimizer_state_dict(policy, opt, state["optim"])
+    opt.zero_grad(set_to_none=True)
+    return json.loads((folder / "trainer.json").read_text())
+
+
+def export(policy, processor, folder, rank):
+    """The trained model in Hugging Face format (transformers' from_pretrained loads it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        M.save_hf(full, policy.config, processor, folder)
+    barrier()
+
+
+def keep_lines(path, last_step):
+    """Drop records after `last_step` (a resumed run rewrites them exactly)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def plot_curves(metrics_path, png_path):
+    from eval import line_chart
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l]
+    series = lambda prefix: {k[len(prefix):] or k: [(r["step"], r[k]) for r in rows if k in r]
+                             for k in sorted({k for r in rows for k in r if k.startswith(prefix)})}
+    line_chart([("reward (mean over completions)", series("reward/")),
+                ("answer accuracy by question kind", series("acc/")),
+                ("completion length (tokens)", {"length": [(r["step"], r["length"]) for r in rows]}),
+                ("KL to the start model, entropy", {k: [(r["step"], r[k]) for r in rows if k in r]
+                                                    for k in ("kl", "entropy")})], png_path, x_label="step")
+
+
+def log_completions(path, step, groups, n):
+    with open(path, "a") as f:
+        for g in groups[:n]:
+            q = g.question
+            f.write(json.dumps({"step": step, "id": q.id, "kind": q.kind, "image": str(q.image), "answer": q.answer,
+                                "text": g.texts[0], "reward": g.scores[0]}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+def main(cfg: Config):
+    from tqdm import tqdm
+    cfg = resolve(cfg)
+    rank, world, device = setup_distributed()
+    if cfg.update_prompts % world:
+        raise ValueError(f"--update_prompts {cfg.update_prompts} must be divisible by the {world} ranks")
+    weights = reward.parse_weights(cfg.rewards)
+    log = tqdm.write if rank == 0 else (lambda *a: None)
+    out = cfg.out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:                      # a fresh run: no stale records or checkpoints
+            for stale in ("metrics.jsonl", "completions.jsonl", "checkpoints", "start", "final"):
+                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    barrier()
+    questions = load_questions(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    policy, processor = M.load(cfg.model, torch.float32, "cpu", seed=cfg.seed, min_pixels=cfg.min_pixels,
+                               max_pixels=cfg.max_pixels)
+    if cfg.format_warmup and cfg.model in M.PRESETS:
+        format_warmup(policy, processor, questions, cfg, device, log)
+        if rank == 0 and cfg.export:            # the starting point eval.py compares against
+            M.save_hf(policy.state_dict(), policy.config, processor, out / "start")
+    ref = copy.deepcopy(policy) if cfg.beta > 0 else None
+    policy = wrap(policy, cfg, device, train=True)
+    ref = wrap(ref, cfg, device, train=False) if ref is not None else None
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    state = {"step": -1, "bad_streak": 0, "skipped": 0}
+    if cfg.resume and (out / "checkpoints" / "latest").exists():
+        state = load_checkpoint(policy, opt, cfg)
+        if rank == 0:
+            keep_lines(out / "metrics.jsonl", state["step"])
+            keep_lines(out / "completions.jsonl", state["step"])
+        log(f"resumed from {out / 'checkpoints' / (out / 'checkpoints' / 'latest').read_text()} (step {state['step']})")
+    total = cfg.steps or math.ceil(cfg.epochs * len(questions) / cfg.rollout_prompts)
+    log(f"{len(questions)} questions, {total} steps of {cfg.rollout_prompts} prompts x {cfg.group_size} samples "
+        f"on {world} {device.type} rank(s); model {cfg.model}; run folder {out}")
+    bar = tqdm(range(state["step"] + 1, total), desc="GRPO", unit="step", disable=rank != 0,
+               initial=state["step"] + 1, total=total)
+    for step in bar:
+        t0 = time.time()
+        idx, seeds = step_questions(len(questions), step, cfg, rank, world)
+        groups = rollout(policy, processor, [questions[i] for i in idx], seeds, cfg, weights, device)
+        t1 = time.time()
+        upd = update(policy, ref, opt, groups, processor, cfg, device, world, state)
+        upd = dict(zip(upd, (v / world for v in all_sum(list(upd.values()), device))))
+        metrics = {"step": step, **rollout_stats(groups, device), **upd, "skipped_steps": state["skipped"],
+                   "rollout_s": t1 - t0, "update_s": time.time() - t1}
+        state["step"] = step
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            log_completions(out / "completions.jsonl", step, groups, cfg.log_samples)
+            plot_curves(out / "metrics.jsonl", out / "curves.png")
+            acc = [v for k, v in metrics.items() if k.startswith("acc/")]
+            bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{sum(acc) / max(len(acc), 1):.2f}",
+                            len=f"{metrics['length']:.0f}", s=f"{time.time() - t0:.1f}")
+        if (step + 1) % cfg.save_every == 0 or step == total - 1:
+            save_checkpoint(policy, opt, cfg, step, state, rank)
+    if cfg.export:
+        export(policy, processor, out / "final", rank)
+        log(f"exported the trained model in Hugging Face format to {out / 'final'}")
+    log(f"done: curves {out / 'curves.png'}, metrics {out / 'metrics.jsonl'}, completions {out / 'completions.jsonl'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import tyro
+    main(tyro.cli(Config))

@@ -1,0 +1,89 @@
+"""eval.py: rule scorers, the closed-loop harness, the judge client, and the whole report on the tiny model."""
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import data
+import eval as E
+
+
+@pytest.mark.parametrize("answer, score", [
+    ("move down and slightly move left", 3),
+    ("slightly move left and move down", 3),                 # order does not matter
+    ("move down and move left", 2),                          # directions right, 'slightly' off
+    ("move down", 1),                                        # one axis right, one missing
+    ("move up and slightly move left", 0),                   # a direction contradicted
+    ("move down, move left and move right", 0),              # both left and right
+    ("move forward and move down and slightly move left", 1),  # an extra axis
+    ("", 0), (None, 0), ("I do not know", 0),
+])
+def test_movement_rule_score(answer, score):
+    assert E.rule_score("movement", answer, "move down and slightly move left") == score
+
+
+def test_spatial_phrase_and_rule_score():
+    truth = E.spatial_phrase([0.1, -0.02, 0.2]) + " the red cup"
+    assert truth == "above and slightly in front of the red cup"
+    assert E.rule_score("spatial", "above and slightly in front of the cup", truth) == 3
+    assert E.rule_score("spatial", "above and in front of the cup", truth) == 2
+    assert E.rule_score("spatial", "above the cup", truth) == 1
+    assert E.rule_score("spatial", "below the cup", truth) == 0
+    assert E.spatial_phrase([0.0, 0.01, 0.0]) == "at"
+
+
+def test_closed_loop_harness_oracle_succeeds_random_fails():
+    for task in data.TASKS:
+        assert all(E.closed_loop(task, 3, 5, E.oracle_policy)), task
+    random = [s for task in data.TASKS for s in E.closed_loop(task, 3, 5, E.random_policy(0))]
+    assert np.mean(random) <= 0.05
+
+
+def test_judge_client_speaks_the_openai_chat_protocol():
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            reply = json.dumps({"choices": [{"message": {"content": "Score: 2"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    assert E.judge(url, "judge-model", "Which way?", "move down", "move up", key="k") == 2
+    path, auth, body = seen[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer k" and body["model"] == "judge-model"
+    assert "move down" in body["messages"][0]["content"] and body["temperature"] == 0
+    server.shutdown()
+    assert E.judge("http://127.0.0.1:1/v1", "m", "q", "t", "a", timeout=2) is None     # unreachable: no score
+
+
+def test_report_has_every_section_and_is_deterministic(tmp_path):
+    kw = dict(model="tiny", compare="tiny", episodes=1, loop_episodes=2, max_new_tokens=12, batch_size=64)
+    E.main(out=tmp_path / "a", **kw)
+    E.main(out=tmp_path / "b", **kw)
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a["summary"] == b["summary"]
+    s = a["summary"][0]
+    assert {k.split("/")[0] for k in s["choice"]} == {"waypoint", "state", "movement", "probe"}
+    assert {k.split("/")[1] for k in s["choice"]} >= {"In", "Out"}
+    assert set(s["open"]) == {"waypoint_open/In", "waypoint_open/Out"}
+    assert {k.split("/")[0] for k in s["bench"]} == {"movement", "spatial", "planning", "high-level action"}
+    assert set(s["loop"]) == set(data.TASKS)
+    assert all(v == 1.0 for v in a["references"]["oracle"].values())
+    md = (tmp_path / "a" / "report.md").read_text()
+    for heading in ("## Multiple choice", "## Open-ended waypoint", "## Bench", "## Closed loop"):
+        assert heading in md
+    for png in ("choice.png", "bench.png", "loop.png", "examples.png"):
+        assert (tmp_path / "a" / png).stat().st_size > 5000

@@ -1,0 +1,222 @@
+"""grpo.py: the loss on hand-computed cases, proof of learning, and features that must not change numbers."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import grpo
+import model as M
+import reward
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    """Training runs take kernels.py's chunked-PyTorch path: test_kernels.py holds it and the Triton
+    kernels (interpreted there) to float64, and the interpreter would make these runs several times slower."""
+    import kernels
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+
+
+# --- the loss -----------------------------------------------------------------------------------------
+def cfg(**kw):
+    return grpo.Config(**kw)
+
+
+def test_on_policy_loss_is_minus_advantage_times_logprob():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], requires_grad=True)
+    A = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, st = grpo.grpo_loss(logp, logp.detach(), None, A, mask, cfg())
+    assert loss.item() == pytest.approx((-1 * 3 + 2 * 2) / 5)          # -A * ratio(=1), token mean
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.2, -0.2, -0.2], [0.4, 0.4, 0.0]]))
+    assert st["clip_low"] == st["clip_high"] == st["dual_clip"] == 0
+
+
+def test_clipping_low_high_and_dual():
+    old = torch.zeros(3, 1)
+    logp = torch.tensor([[math.log(1.5)], [math.log(0.5)], [math.log(5.0)]], requires_grad=True)
+    A = torch.tensor([1.0, -1.0, -1.0])
+    loss, st = grpo.grpo_loss(logp, old, None, A, torch.ones(3, 1), cfg())
+    # row 0: A>0, ratio 1.5 -> clipped at 1.3: -1.3;  row 1: A<0, ratio 0.5 -> clipped at 0.8: +0.8
+    # row 2: A<0, ratio 5 -> unclipped 5, dual-clipped to 3
+    assert loss.item() == pytest.approx((-1.3 + 0.8 + 3.0) / 3)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(3, 1))                     # every row clipped: no gradient
+    # row 2 is not PPO-clipped (the pessimistic max keeps its unclipped 5): the dual clip caps it
+    assert st["clip_high"] == pytest.approx(1 / 3) and st["clip_low"] == pytest.approx(1 / 3)
+    assert st["dual_clip"] == pytest.approx(1 / 3)
+
+
+def test_k3_kl_and_sequence_mean():
+    logp = torch.zeros(2, 2)
+    ref = torch.full((2, 2), math.log(0.5))
+    mask = torch.tensor([[1, 1], [1, 0]])
+    c = cfg(beta=0.1)
+    loss, st = grpo.grpo_loss(logp, logp, ref, torch.zeros(2), mask, c)
+    k3 = 0.5 - math.log(0.5) - 1                                          # e^d - d - 1 with d = ln 0.5
+    assert st["kl"] == pytest.approx(k3) and loss.item() == pytest.approx(0.1 * k3)
+    A = torch.tensor([1.0, 1.0])
+    lp = torch.tensor([[-1.0, -3.0], [-2.0, -5.0]], requires_grad=True)
+    seq, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, cfg(loss_agg="sequence"))
+    tok, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, cfg(loss_agg="token"))
+    assert seq.item() == pytest.approx(-1.0) and tok.item() == pytest.approx(-1.0)
+    seq.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-0.25, -0.25], [-0.5, 0.0]]))   # each sequence weighs the same
+
+
+def test_presets_and_config_checks():
+    assert grpo.resolve(cfg()).rollout_prompts == grpo.TINY["rollout_prompts"]
+    real = grpo.resolve(cfg(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert (real.group_size, real.rollout_prompts, real.update_prompts, real.lr) == (5, 512, 128, 1e-6)
+    with pytest.raises(ValueError, match="multiple of --update_prompts"):
+        grpo.resolve(cfg(rollout_prompts=10, update_prompts=4))
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def probe_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("probe")
+    data.save_samples(data.probe_samples(192, 0), folder, progress=False)
+    return folder
+
+
+def small(out, dataset, **kw):
+    base = dict(dataset=str(dataset), out=out, steps=3, rollout_prompts=8, update_prompts=8, micro_prompts=8,
+                gen_prompts=8, group_size=4, max_new_tokens=12, format_warmup=30, lr=1e-3, save_every=1, beta=1e-2,
+                kinds=("probe",))
+    return grpo.Config(**{**base, **kw})
+
+
+def accuracy_curve(out):
+    return [json.loads(l)["acc/probe"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_path, probe_folder):
+    """Proof of learning: the same run twice, once with every advantage's sign flipped. The probe's answer
+    is in the image alone (data.probe_samples); chance is 25%."""
+    runs = {}
+    for flip in (False, True):
+        c = small(tmp_path / f"flip{flip}", probe_folder, steps=90, rollout_prompts=16, update_prompts=16,
+                  micro_prompts=16, gen_prompts=16, group_size=8, format_warmup=100, beta=0.0, flip_advantages=flip,
+                  save_every=1000, export=False)
+        grpo.main(c)
+        runs[flip] = accuracy_curve(c.out)
+    start, learned, flipped = np.mean(runs[False][:5]), np.mean(runs[False][-20:]), np.mean(runs[True][-20:])
+    assert start < 0.4, f"starts near chance: {runs[False][:5]}"
+    assert learned > 0.45, f"GRPO should learn the probe: last accuracies {runs[False][-20:]}"
+    assert flipped < 0.1, f"flipped advantages must not learn: last accuracies {runs[True][-20:]}"
+
+
+def params(folder):
+    return load_file(Path(folder) / "final" / "model.safetensors")
+
+
+def run_cli(args, env=None, **kw):
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", **(env or {})}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)
+
+
+def cli(c):
+    skip = {"tasks", "kinds", "betas"}
+    args = []
+    for k, v in vars(c).items():
+        if k in skip or v is None:
+            continue
+        if isinstance(v, bool):
+            args.append(f"--{k}" if v else f"--no-{k}")
+        else:
+            args += [f"--{k}", str(v)]
+    return ["grpo.py", *args]
+
+
+def test_fsdp_on_two_processes_equals_one_process(tmp_path, probe_folder):
+    """Both sides as subprocesses with one BLAS thread each (torchrun's default per rank), so that they start
+    from bit-identical weights. Gradient norms catch a wrong loss scale across ranks (Adam would hide it);
+    parameters may differ only by rounding, which Adam's first steps can amplify to ~1e-6."""
+    one, two = small(tmp_path / "one", probe_folder, steps=2), small(tmp_path / "two", probe_folder, steps=2)
+    env = {"OMP_NUM_THREADS": "1"}
+    p = run_cli(cli(one), env)
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, log[-3000:]
+    p = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *cli(two)], env)
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, log[-3000:]
+    ma = [json.loads(l) for l in (one.out / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(l) for l in (two.out / "metrics.jsonl").read_text().splitlines()]
+    assert len(ma) == len(mb) == 2
+    for x, y in zip(ma, mb):
+        assert x["reward/total"] == y["reward/total"] and x["length"] == y["length"]       # same rollouts
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+    a, b = params(one.out), params(two.out)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() < 1e-4 and (diff > 1e-5).float().mean() < 1e-5, (diff.max(), (diff > 1e-5).sum())
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path, probe_folder):
+    outs = []
+    for ckpt in (False, True):
+        c = small(tmp_path / f"ckpt{ckpt}", probe_folder, checkpointing=ckpt, steps=2)
+        grpo.main(c)
+        outs.append(params(c.out))
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe_folder):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    full = small(tmp_path / "full", probe_folder, steps=5)
+    grpo.main(full)
+    cut = small(tmp_path / "cut", probe_folder, steps=5)
+    p = run_cli(cli(cut))
+    latest = cut.out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.exists() and latest.read_text().strip() >= "step_000001") and time.time() < deadline:
+        if p.poll() is not None:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert latest.exists() and not (cut.out / "final").exists(), "killed before the end"
+    grpo.main(small(tmp_path / "cut", probe_folder, steps=5, resume=True))
+    a, b = params(full.out), params(cut.out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+                          for l in path.read_text().splitlines()]
+    assert strip(full.out / "metrics.jsonl") == strip(cut.out / "metrics.jsonl")
+    # the export is a Hugging Face checkpoint
+    ours, proc = M.load(str(cut.out / "final"))
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(cut.out / "final").eval()
+    q = data.load_samples(probe_folder)[:2]
+    batch = proc.encode(q)
+    with torch.no_grad():
+        h, _ = ours(batch.input_ids, batch.positions, batch.attention_mask,
+                    ours.image_features(batch.pixel_values, batch.image_grid_thw))
+        theirs = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                     image_grid_thw=batch.image_grid_thw,
+                     mm_token_type_ids=(batch.input_ids == ref.config.image_token_id).int()).logits
+    valid = batch.attention_mask.bool()
+    assert torch.allclose(ours.lm_head(h)[valid], theirs[valid], atol=1e-4)
+
+
+def test_nan_steps_are_skipped_then_abort(tmp_path, probe_folder, monkeypatch):
+    monkeypatch.setitem(reward.REWARDS, "poison", lambda text, sample: float("nan"))
+    c = small(tmp_path / "nan", probe_folder, rewards="format=1,poison=1", steps=6, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a NaN/Inf"):
+        grpo.main(c)
+    rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [1, 2]
