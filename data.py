@@ -909,6 +909,16 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
 
 
 
+def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False):
+    """build_samples for the demonstration kinds, plus, when 'probe' is among the kinds, probe questions:
+    as many as all the others together, or 512 on their own."""
+    demo_kinds = [k for k in kinds if k != PROBE]
+    samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress) if demo_kinds else []
+    if PROBE in kinds:
+        samples += probe_samples(len(samples) or 512, seed)
+    return samples
+
+
 # ----------------------------------------------------------------------------------------------------
 # Dataset folders: samples.jsonl + images/ + manifest.json + preview.png
 # ----------------------------------------------------------------------------------------------------
@@ -1016,7 +1026,7 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         tasks: built-in task names (with --rlbench: RLBench task folders; empty = all found).
         episodes: demonstrations per built-in task.
         out: output folder (samples.jsonl, images/, manifest.json, preview.png).
-        kinds: question kinds: waypoint, state, movement, waypoint_open.
+        kinds: question kinds: waypoint, state, movement, waypoint_open, probe.
         every: take every n-th frame as a current frame.
         seed: seed of the demonstrations and the questions.
         rlbench: read demonstrations from this RLBench dataset folder instead of simulating.
@@ -1026,11 +1036,13 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     t0 = time.time()
     if rlbench is not None:
         eps = load_rlbench(rlbench, list(tasks) if tasks != TRAIN_TASKS else None, variation)
-    else:
+    elif any(k != PROBE for k in kinds):
         eps = [ep for task in tqdm(tasks, desc="demonstrating", unit="task")
                for ep in generate_episodes(task, episodes, seed)]
+    else:
+        eps = []
     stats = {}
-    samples = build_samples(eps, kinds, every, seed, stats=stats, progress=True)
+    samples = make_questions(eps, kinds, every, seed, stats=stats, progress=True)
     manifest = save_samples(samples, out, {"seed": seed, "every": every, "kinds": list(kinds),
                                            "source": str(rlbench) if rlbench else "tabletop simulator",
                                            "tasks": sorted({e.task for e in eps}), "episodes": len(eps), **stats})
@@ -1038,8 +1050,9 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     pick = np.random.default_rng(seed).choice(len(samples), size=min(6, len(samples)), replace=False)
     contact_sheet([samples[i] for i in sorted(pick)], cams).save(Path(out) / "preview.png")
     print(f"\n{len(eps)} demonstrations -> {len(samples)} questions in {time.time() - t0:.1f}s -> {out}/")
-    print(f"  frames used {stats['frames_used']}, skipped {stats['frames_after_last_keypoint']} "
-          f"(after the last keypoint)")
+    if stats:
+        print(f"  frames used {stats['frames_used']}, skipped {stats['frames_after_last_keypoint']} "
+              f"(after the last keypoint)")
     for key, n in manifest["counts"].items():
         print(f"  {key:40s} {n}")
     print(f"  preview: {Path(out) / 'preview.png'}")

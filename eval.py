@@ -441,7 +441,11 @@ def markdown(names, sums, references=None):
 
 def examples_picture(questions, rows_by_model, names, n=6):
     """Waypoint questions with the true next keypoint (green ring) and each model's pick drawn on them."""
-    picks = [q for q in questions if q.kind == "waypoint"][:n]
+    by_task = {}
+    for q in questions:
+        if q.kind == "waypoint":
+            by_task.setdefault(q.task, []).append(q)
+    picks = [qs[len(qs) // 2] for qs in by_task.values()][:n]               # one mid-episode question per task
     font = ImageFont.load_default(size=14)
     sheet = Image.new("RGB", (3 * 340, (len(picks) + 2) // 3 * 370 + 30), "white")
     draw = ImageDraw.Draw(sheet)
@@ -571,7 +575,8 @@ def write_report(names, results, eps, cfg, out):
     (out / "report.md").write_text(markdown(names, sums, references))
     kinds = sorted({k for s in sums for k in s["choice"]})
     if kinds:
-        bar_chart("multiple-choice accuracy (chance 0.25)", [k.replace("/", " ") for k in kinds],
+        bar_chart("multiple-choice accuracy (chance 0.25)", [k.split("/")[0] if k.startswith(data.PROBE) else
+                                                             k.replace("/", " ") for k in kinds],
                   {n: [s["choice"].get(k) for k in kinds] for n, s in zip(names, sums)}, out / "choice.png",
                   width=1300, y_max=1.0)
     cats = sorted({k for s in sums for k in s["bench"] if s["bench"][k]["rule"] is not None})

@@ -204,17 +204,14 @@ def setup_distributed():
 
 
 def load_questions(cfg, rank):
-    """The training questions: a data.py folder, or the tabletop simulator's, written once to OUT/data
-    (with probe questions, as many as all the others together or 512, when `probe` is among the kinds)."""
+    """The training questions: a data.py folder, or the tabletop simulator's, written once to OUT/data."""
     if cfg.dataset != "tabletop":
         return data.load_samples(cfg.dataset)
     folder = cfg.out / "data"
     if rank == 0 and not (folder / "samples.jsonl").exists():
-        eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)]
-        kinds = [k for k in cfg.kinds if k != "probe"]
-        samples = data.build_samples(eps, kinds, seed=cfg.seed, progress=True) if kinds else []
-        if "probe" in cfg.kinds:
-            samples += data.probe_samples(len(samples) or 512, cfg.seed)
+        demos = any(k != data.PROBE for k in cfg.kinds)
+        eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)] if demos else []
+        samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True)
         data.save_samples(samples, folder, {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes,
                                             "kinds": list(cfg.kinds)})
     barrier()

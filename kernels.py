@@ -95,6 +95,11 @@ def _triton_config(hidden):
     return dict(BLOCK_N=32, BLOCK_V=1024, BLOCK_K=64)   # the interpreter: fewer, larger tiles run faster
 
 
+def _precision(t):
+    """fp32 operands: exact fp32 products ("ieee"), not tf32; bf16 operands: the tensor cores' default."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
 def _lse_triton(hidden, weight, targets, inv_temp):
     N, H = hidden.shape
     V = weight.shape[0]
@@ -109,7 +114,7 @@ def _lse_triton(hidden, weight, targets, inv_temp):
     part = torch.empty(splits, 4, N, device=hidden.device, dtype=torch.float32)
     _logprob_fwd_kernel[(row_blocks, splits)](
         hidden, weight, targets, part, N, V, H, hidden.stride(0), weight.stride(0), per_split, inv_temp,
-        UPCAST=INTERPRET and hidden.dtype != torch.float32, PRECISION="ieee", **cfg)
+        UPCAST=INTERPRET and hidden.dtype != torch.float32, PRECISION=_precision(hidden), **cfg)
     m, s, zt, a = part.unbind(1)                                     # each (splits, N)
     big = m.max(0).values
     w = torch.exp(m - big)
@@ -159,7 +164,7 @@ def _dlogits(h, w, targets, lse, g, inv_temp, out):
         grid = (triton.cdiv(len(h), cfg["BLOCK_N"]), triton.cdiv(len(w), cfg["BLOCK_V"]))
         _dlogits_kernel[grid](h, w, targets, lse, g, out, len(h), len(w), h.shape[1], h.stride(0), w.stride(0),
                               out.stride(0), inv_temp, UPCAST=INTERPRET and h.dtype != torch.float32,
-                              PRECISION="ieee", **cfg)
+                              PRECISION=_precision(h), **cfg)
         return out
     z = (h.float() @ w.float().T) * inv_temp
     d = -torch.exp(z - lse[:, None])
