@@ -400,6 +400,7 @@ def summarise(result):
         s["bench"][key]["rule"].append(r["rule"])
         s["bench"][key]["judge"].append(r.get("judge"))
     s["bench"] = {k: {m: mean(v[m]) for m in v} for k, v in s["bench"].items()}
+    s["judge_unscored"] = sum("judge" in r and r["judge"] is None for r in result.get("bench", []))
     return s
 
 
@@ -430,6 +431,9 @@ def markdown(names, sums, references=None):
                 if any(s["bench"].get(key, {}).get(m) is not None for s in sums):
                     md.append(f"| {key.replace('/', ' · ')} · {m} | " + " | ".join(
                         fmt(s["bench"].get(key, {}).get(m)) for s in sums) + " |\n")
+        if any(s.get("judge_unscored") for s in sums):
+            md.append("| answers the judge left unscored (excluded above) | " + " | ".join(
+                str(s.get("judge_unscored", 0)) for s in sums) + " |\n")
     if any(s["loop"] for s in sums):
         cols = names + list(references)
         md += ["\n## Closed loop: success rate per task\n", "| task | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"]

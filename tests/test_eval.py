@@ -67,6 +67,12 @@ def test_judge_client_speaks_the_openai_chat_protocol():
     server.shutdown()
     assert E.judge("http://127.0.0.1:1/v1", "m", "q", "t", "a", timeout=2) is None     # unreachable: no score
 
+    # an unscored answer is left out of the judge's mean and counted in the report
+    rows = [dict(category="planning", split="In", rule=None, judge=j) for j in (3, 1, None)]
+    s = E.summarise({"bench": rows})
+    assert s["bench"]["planning/In"]["judge"] == 2.0 and s["judge_unscored"] == 1
+    assert "| answers the judge left unscored (excluded above) | 1 |" in E.markdown(["m"], [dict(s, length=None)])
+
 
 def test_report_has_every_section_and_is_deterministic(tmp_path):
     kw = dict(model="tiny", episodes=1, loop_episodes=2, max_new_tokens=12, batch_size=64)
