@@ -84,7 +84,11 @@ def test_group_advantages_match_reference(backend, G, scale):
     adv = kernels.group_advantages(r, G, scale=scale)
     ref = kernels.group_advantages_reference(r.double(), G, scale=scale)
     assert adv.dtype == torch.float32 and torch.isfinite(adv).all()
-    assert torch.allclose(adv.double(), ref, atol=1e-5)
+    # (r - mean) and std are computed in fp32: each is off by a few ulps of |r| (<= 3), and dividing by a
+    # group's std magnifies that when the group's rewards nearly tie (std ~ 1e-4 happens with these rewards).
+    std = r.double().view(B, G).std(1, unbiased=True).nan_to_num(0).repeat_interleave(G) if scale else 0
+    tol = 1e-5 + 8 * 2 ** -23 * 3 / (std + 1e-6) * (1 + ref.abs()) if scale else 1e-5
+    assert ((adv.double() - ref).abs() <= tol).all()
     assert (adv[:G] == 0).all()
     if G == 1:
         assert (adv == 0).all()
