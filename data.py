@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import pickle
 import textwrap
 import time
@@ -600,10 +601,27 @@ class _Record:
 
 
 class _RLBenchUnpickler(pickle.Unpickler):
+    """Loads what an RLBench dataset holds and nothing else. A pickle names the functions it calls to
+    rebuild objects, so a crafted file can call any importable function (os.system...). Only RLBench's
+    demo and observation classes (mapped to _Record, RLBench itself need not be installed) and numpy's
+    array and scalar rebuilders are let through; any other name is refused before anything runs."""
+    RECORDS = {("rlbench.demo", "Demo"), ("rlbench.backend.observation", "Observation")}
+    NUMPY = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
+            {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+             ("numpy._core.numeric", "_frombuffer")}
+
     def find_class(self, module, name):
-        if module.startswith(("rlbench", "pyrep")):
+        if (module, name) in self.RECORDS:
             return _Record
-        return super().find_class(module, name)
+        if (module, name) in self.NUMPY:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an RLBench dataset holds only demos, "
+                                     "observations and numpy arrays (a pickle naming anything else could run code)")
+
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        return _RLBenchUnpickler(f).load()
 
 
 def _read_png(path):
@@ -620,6 +638,9 @@ def load_rlbench(root, tasks=None, variation=0):
     """Episodes from RLBench's layout: {task}/variation{N}/episodes/episode{M}/low_dim_obs.pkl + front_rgb/."""
     root = Path(root)
     tasks = tasks or sorted(p.name for p in root.iterdir() if (p / f"variation{variation}").is_dir())
+    if not tasks:
+        raise UserError(f"{root}: no task folders with a variation{variation}/ inside (RLBench's layout is "
+                        f"{{task}}/variation{variation}/episodes/episode0/low_dim_obs.pkl)")
     episodes = []
     for task in tasks:
         ep_root = root / task / f"variation{variation}" / "episodes"
@@ -634,8 +655,7 @@ def load_rlbench(root, tasks=None, variation=0):
 def _load_rlbench_episode(d, task):
     pkl = d / "low_dim_obs.pkl"
     try:
-        with open(pkl, "rb") as f:
-            demo = _RLBenchUnpickler(f).load()
+        demo = _unpickle(pkl)
     except FileNotFoundError:
         raise FileNotFoundError(f"{pkl}: missing (each episode folder needs low_dim_obs.pkl)") from None
     except Exception as e:
@@ -657,8 +677,12 @@ def _load_rlbench_episode(d, task):
                       if p.exists()), None)
     if desc_file is None:
         raise FileNotFoundError(f"{d}: no variation_descriptions.pkl in the episode or the variation folder")
-    with open(desc_file, "rb") as f:
-        descriptions = pickle.load(f)
+    try:
+        descriptions = _unpickle(desc_file)
+    except Exception as e:
+        raise ValueError(f"{desc_file}: not a readable list of task descriptions ({type(e).__name__}: {e})") from None
+    if not (isinstance(descriptions, (list, tuple)) and descriptions):
+        raise ValueError(f"{desc_file}: expected a non-empty list of task descriptions")
     misc = getattr(obs[0], "misc", None) or {}
     camera = None
     if "front_camera_intrinsics" in misc and "front_camera_extrinsics" in misc:
@@ -1034,6 +1058,16 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     """
     from tqdm import tqdm
     t0 = time.time()
+    problems = [m for ok, m in (
+        (episodes >= 1, f"--episodes {episodes}: must be at least 1"),
+        (every >= 1, f"--every {every}: must be at least 1"),
+        (kinds and set(kinds) <= set(KINDS + (PROBE,)), f"--kinds {' '.join(kinds)}: choose from {' '.join(KINDS + (PROBE,))}"),
+        (rlbench is not None or set(tasks) <= set(TASKS), f"--tasks: unknown {sorted(set(tasks) - set(TASKS))}; "
+                                                          f"built-in tasks: {' '.join(TASKS)}"),
+        (rlbench is None or Path(rlbench).is_dir(), f"--rlbench {rlbench}: no such folder")) if not ok]
+    if problems:
+        raise UserError("; ".join(problems))
+    check_writable(out)
     if rlbench is not None:
         eps = load_rlbench(rlbench, list(tasks) if tasks != TRAIN_TASKS else None, variation)
     elif any(k != PROBE for k in kinds):
@@ -1058,6 +1092,54 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     print(f"  preview: {Path(out) / 'preview.png'}")
 
 
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command lines (data.py, grpo.py, eval.py): check before working, errors in one line
+# ----------------------------------------------------------------------------------------------------
+class UserError(ValueError):
+    """Something the person running the command can fix (a flag, a file, a folder). The command line
+    prints it as one line with no traceback."""
+
+
+def check_writable(folder, flag="--out"):
+    """Fail now, not after hours of work, when `folder` cannot be created or written (creates it)."""
+    folder = Path(folder)
+    probe = folder / f".write_test_{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose another folder") from None
+
+
+def cli(run):
+    """Run a command line: `run()` parses the flags (tyro) and works. An error the user can cause (a
+    UserError, a missing or unreadable file, a full disk) prints `error: ...` and exits with status 2;
+    ROBOT_R1_DEBUG=1 prints the traceback as well. Anything else is a bug and keeps its traceback."""
+    import errno
+    import sys
+    try:
+        run()
+    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, OSError) as e:
+        if os.environ.get("ROBOT_R1_DEBUG"):
+            raise
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            message = (f"no space left on the device while writing {e.filename or 'a file'}; free some space (a run's "
+                       "previous checkpoint is intact: continue with --resume)")
+        elif type(e) is OSError:                  # other OS errors are not the user's to fix: a bug report
+            raise
+        else:
+            message = str(e)
+        print(f"error: {message}\n(ROBOT_R1_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
     import tyro
-    tyro.cli(main)
+    cli(lambda: tyro.cli(main))

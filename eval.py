@@ -281,32 +281,101 @@ Score from 0 to 3: 3 = correct in every respect; 2 = mostly correct with a minor
 0 = wrong, contradictory or missing. Reply with the single digit only."""
 
 
-def judge(url, model, question, truth, answer, key=None, timeout=60):
-    """One score 0-3 from an OpenAI-compatible chat endpoint (URL up to /v1); None if unusable."""
-    body = json.dumps({"model": model, "temperature": 0, "messages": [{"role": "user", "content": JUDGE_PROMPT.format(
-        question=question, truth=truth, answer=answer)}]}).encode()
-    req = urllib.request.Request(url.rstrip("/") + "/chat/completions", body, {"Content-Type": "application/json",
-                                 **({"Authorization": f"Bearer {key}"} if key else {})})
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+class JudgeUnavailable(Exception):
+    """The endpoint refused, failed or timed out, after the retries for transient errors."""
+
+
+def judge_request(url, model, prompt, key=None, timeout=30, retries=3, backoff=1.0):
+    """One chat completion from an OpenAI-compatible endpoint (URL up to /v1) -> the reply's text.
+
+    Bounded: `timeout` seconds to connect and for each read. Transient failures (a timeout, a reset
+    connection, HTTP 429 or 5xx) are retried `retries` times, waiting backoff, 2 backoff, 4 backoff...;
+    anything else (a refused key, a bad request) fails at once. -> JudgeUnavailable with the reason."""
+    import time
+    import urllib.error
+    body = json.dumps({"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    for attempt in range(retries + 1):
+        try:
+            req = urllib.request.Request(url.rstrip("/") + "/chat/completions", body, headers)
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"]
+        except urllib.error.HTTPError as e:
+            reason, transient = f"HTTP {e.code} {e.reason}", e.code == 429 or e.code >= 500
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            why = getattr(e, "reason", e)
+            reason = f"{type(why).__name__}: {why}"
+            transient = not isinstance(why, ConnectionRefusedError)        # nobody listens: retrying won't help
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            reason, transient = f"an unreadable reply ({type(e).__name__}: {e})", False
+        if not transient or attempt == retries:
+            raise JudgeUnavailable(reason)
+        time.sleep(backoff * 2 ** attempt)
+
+
+def judge(url, model, question, truth, answer, key=None, timeout=30, retries=3):
+    """One score 0-3 for an answer; None when the judge could not be reached or gave no digit."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            reply = json.loads(r.read())["choices"][0]["message"]["content"]
-    except Exception as e:
-        print(f"judge: {type(e).__name__}: {e}")
+        reply = judge_request(url, model, JUDGE_PROMPT.format(question=question, truth=truth, answer=answer), key,
+                              timeout, retries)
+    except JudgeUnavailable:
         return None
     m = re.search(r"[0-3]", reply)
     return int(m.group()) if m else None
+
+
+def check_judge(url, model, key):
+    """Before any evaluation: the key never travels unencrypted off this machine, and one request gets
+    an answer, so that an unreachable judge or a refused key costs seconds, not one timeout per answer."""
+    from urllib.parse import urlparse
+    where = urlparse(url)
+    if where.scheme not in ("http", "https") or not where.hostname:
+        raise data.UserError(f"--judge_url {url}: expected http(s)://host/v1")
+    if key and where.scheme == "http" and where.hostname not in LOOPBACK:
+        raise data.UserError(f"--judge_url {url}: refusing to send $JUDGE_API_KEY over plain http to another machine; "
+                             "use https")
+    try:
+        judge_request(url, model, "Reply with the digit 3.", key, timeout=10, retries=1)
+    except JudgeUnavailable as e:
+        raise data.UserError(f"--judge_url {url}: the judge does not answer ({e}); check the URL, --judge_model and "
+                             "$JUDGE_API_KEY, or leave --judge_url out (movement and spatial are scored by rules)") from None
+
+
+def judge_all(items, judge_cfg, workers=8, give_up_after=8):
+    """Scores for (question, truth, answer) items, `workers` requests in flight. Scores already given
+    are kept when the judge fails midway: after `give_up_after` failures in a row the rest stay None
+    (counted as unscored in the report) instead of each waiting out its own timeouts."""
+    from concurrent.futures import ThreadPoolExecutor
+    failures = [0]
+
+    def one(item):
+        if failures[0] >= give_up_after:
+            return None
+        score = judge(judge_cfg["url"], judge_cfg["model"], *item, judge_cfg.get("key"))
+        failures[0] = failures[0] + 1 if score is None else 0
+        return score
+    with ThreadPoolExecutor(workers) as pool:
+        scores = list(pool.map(one, items))
+    if failures[0] >= give_up_after:
+        print(f"judge: {give_up_after} answers in a row went unscored; the judge was not asked about the rest")
+    return scores
 
 
 def score_bench(questions, texts, lengths, judge_cfg=None):
     rows = []
     for q, text, n in zip(questions, texts, lengths):
         got = reward.answer_text(text)
-        row = {"id": q.id, "task": q.task, "split": split_of(q.task), "category": q.kind, "truth": q.target,
-               "answer": got, "length": n, "rule": rule_score(q.kind, got, q.target) if q.kind in ("movement", "spatial") else None}
-        if judge_cfg:
-            row["judge"] = judge(judge_cfg["url"], judge_cfg["model"], BENCH_QUESTIONS[q.kind], q.target, got or text,
-                                 judge_cfg.get("key"))
-        rows.append(row)
+        rows.append({"id": q.id, "task": q.task, "split": split_of(q.task), "category": q.kind, "truth": q.target,
+                     "answer": got, "length": n,
+                     "rule": rule_score(q.kind, got, q.target) if q.kind in ("movement", "spatial") else None})
+    if judge_cfg:
+        scores = judge_all([(BENCH_QUESTIONS[q.kind], q.target, row["answer"] or text)
+                            for q, text, row in zip(questions, texts, rows)], judge_cfg)
+        for row, score in zip(rows, scores):
+            row["judge"] = score
     return rows
 
 
@@ -509,6 +578,9 @@ def gather(result, world):
     return out
 
 
+SECTIONS = ("choice", "bench", "loop")
+
+
 def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt: Path | None = None,
          out: Path = Path("reports/robot_r1"), episodes: int = 3, loop_episodes: int = 5, every: int = 10,
          seed: int = 1000, max_new_tokens: int | None = None, batch_size: int = 32,
@@ -547,11 +619,29 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
         compare = str(run / "start") if run and (run / "start").exists() else run_cfg.get("model")
     if max_new_tokens is None:
         max_new_tokens = int(run_cfg.get("max_new_tokens") or 1024)
+    # every input checked before the first model is evaluated: a bad --compare or --out found after
+    # an hour of answering would waste that hour
+    problems = [m for ok, m in (
+        (episodes >= 1, f"--episodes {episodes}: must be at least 1"),
+        (loop_episodes >= 0, f"--loop_episodes {loop_episodes}: must be at least 0"),
+        (every >= 1, f"--every {every}: must be at least 1"),
+        (batch_size >= 1, f"--batch_size {batch_size}: must be at least 1"),
+        (max_new_tokens >= 1, f"--max_new_tokens {max_new_tokens}: must be at least 1"),
+        (sections and set(sections) <= set(SECTIONS), f"--sections {' '.join(sections)}: choose from {' '.join(SECTIONS)}"),
+        (ckpt is None or Path(ckpt).is_dir(), f"--ckpt {ckpt}: no such checkpoint folder")) if not ok]
+    if problems:
+        raise data.UserError("; ".join(problems))
     if not Path(model).exists() and model not in M.PRESETS and "/" not in model:
-        raise FileNotFoundError(f"{model}: no such model; train one with `python grpo.py` or pass --model")
+        raise data.UserError(f"--model {model}: no such model; train one with `python grpo.py` or pass --model")
+    for flag, name in (("--model", model), ("--compare", compare)):
+        if name:
+            M.check_source(name, flag)
+    data.check_writable(out)
+    judge_cfg = {"url": judge_url, "model": judge_model, "key": os.environ.get("JUDGE_API_KEY")} if judge_url else None
+    if judge_cfg:
+        check_judge(judge_url, judge_model, judge_cfg["key"])
     cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=seed, max_new_tokens=max_new_tokens,
                batch_size=batch_size, sections=sections)
-    judge_cfg = {"url": judge_url, "model": judge_model, "key": os.environ.get("JUDGE_API_KEY")} if judge_url else None
     names, results, eps = [], [], None
     for i, name in enumerate([model] + ([compare] if compare else [])):
         policy, proc = load_policy(name, ckpt if i == 0 else None, device)
@@ -603,4 +693,4 @@ def write_report(names, results, eps, cfg, out):
 
 if __name__ == "__main__":
     import tyro
-    tyro.cli(main)
+    data.cli(lambda: tyro.cli(main))

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -112,7 +113,9 @@ class Config:
     save_every: int = 10
     """checkpoint every n steps (and at the end)"""
     resume: bool = False
-    """continue from OUT/checkpoints/latest"""
+    """continue the run in --out from its latest complete checkpoint, with the same settings"""
+    overwrite: bool = False
+    """start afresh in an --out that holds a run, deleting its checkpoints, records and exports"""
     export: bool = True
     """write OUT/final in Hugging Face format at the end"""
     log_samples: int = 6
@@ -129,16 +132,67 @@ TINY = dict(kinds=("probe",), episodes=12, group_size=8, rollout_prompts=16, upd
             format_warmup=100)
 
 
+# Settings a resumed run may change: they decide how long the run goes and what it records, never the
+# numbers of the optimisation. Every other setting must equal the run's (resume is exact, or refuses).
+RESUMABLE_CHANGES = ("steps", "epochs", "save_every", "log_samples", "export", "max_bad_steps", "resume", "overwrite",
+                     "out")
+
+
 def resolve(cfg: Config) -> Config:
-    """Fill unset settings from the preset that fits the model, and check they fit together."""
+    """Fill unset settings from the preset that fits the model, and check every one of them."""
     preset = TINY if cfg.model in M.PRESETS else PAPER
     cfg = Config(**{f.name: getattr(cfg, f.name) if getattr(cfg, f.name) is not None else preset.get(f.name)
                     for f in fields(cfg)})
-    if cfg.rollout_prompts % cfg.update_prompts:
-        raise ValueError(f"--rollout_prompts {cfg.rollout_prompts} must be a multiple of --update_prompts {cfg.update_prompts}")
-    if cfg.steps is None and cfg.epochs is None:
-        raise ValueError("set --epochs or --steps")
+    check(cfg)
     return cfg
+
+
+def check(cfg: Config):
+    """Every setting in its range and the settings consistent, or one UserError naming each bad flag."""
+    def positive(name, minimum=1):
+        v = getattr(cfg, name)
+        return v >= minimum, f"--{name} {v}: must be at least {minimum}"
+
+    def between(name, lo, hi, what):
+        v = getattr(cfg, name)
+        return math.isfinite(v) and lo(v) and hi(v), f"--{name} {v}: must be {what}"
+    rules = [
+        (cfg.group_size >= 2, f"--group_size {cfg.group_size}: GRPO compares a prompt's samples with each other, "
+                              "so it needs at least 2"),
+        *(positive(n) for n in ("rollout_prompts", "update_prompts", "micro_prompts", "gen_prompts",
+                                "max_new_tokens", "max_prompt_len", "save_every", "max_bad_steps", "episodes")),
+        *(positive(n, 0) for n in ("format_warmup", "log_samples")),
+        (cfg.rollout_prompts % max(cfg.update_prompts, 1) == 0,
+         f"--rollout_prompts {cfg.rollout_prompts} must be a multiple of --update_prompts {cfg.update_prompts}"),
+        (cfg.steps is not None or cfg.epochs is not None, "set --epochs or --steps"),
+        (cfg.steps is None or cfg.steps >= 1, f"--steps {cfg.steps}: must be at least 1"),
+        (cfg.epochs is None or (math.isfinite(cfg.epochs) and cfg.epochs > 0), f"--epochs {cfg.epochs}: must be > 0"),
+        between("lr", lambda v: v > 0, lambda v: v < 1, "in (0, 1)"),
+        between("temperature", lambda v: v > 0, lambda v: v <= 10, "in (0, 10]: GRPO samples (0 would be greedy, "
+                "every sample of a prompt alike and nothing to learn)"),
+        between("top_p", lambda v: v > 0, lambda v: v <= 1, "in (0, 1]"),
+        between("grad_clip", lambda v: v > 0, lambda v: True, "> 0 (the largest gradient norm a step may take)"),
+        between("clip_low", lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+        between("clip_high", lambda v: v >= 0, lambda v: True, ">= 0"),
+        between("dual_clip", lambda v: v > 1, lambda v: True, "> 1"),
+        between("beta", lambda v: v >= 0, lambda v: True, ">= 0"),
+        between("weight_decay", lambda v: v >= 0, lambda v: True, ">= 0"),
+        (all(0 <= b < 1 for b in cfg.betas), f"--betas {cfg.betas}: each must be in [0, 1)"),
+        (cfg.kinds and set(cfg.kinds) <= set(data.KINDS + (data.PROBE,)),
+         f"--kinds {' '.join(cfg.kinds or ())}: choose from {' '.join(data.KINDS + (data.PROBE,))}"),
+        (cfg.tasks and set(cfg.tasks) <= set(data.TASKS),
+         f"--tasks {' '.join(cfg.tasks)}: built-in tasks are {' '.join(data.TASKS)}"),
+        (not (cfg.min_pixels and cfg.max_pixels) or 0 < cfg.min_pixels <= cfg.max_pixels,
+         f"--min_pixels {cfg.min_pixels} and --max_pixels {cfg.max_pixels}: need 0 < min <= max"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: choose one"),
+    ]
+    problems = [message for ok, message in rules if not ok]
+    try:
+        reward.parse_weights(cfg.rewards)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise data.UserError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,16 +258,22 @@ def setup_distributed():
 
 
 def load_questions(cfg, rank):
-    """The training questions: a data.py folder, or the tabletop simulator's, written once to OUT/data."""
+    """The training questions: a data.py folder, or the tabletop simulator's, written to OUT/data. The
+    folder's manifest records the settings that built it; other settings rebuild it, never reuse it."""
     if cfg.dataset != "tabletop":
         return data.load_samples(cfg.dataset)
     folder = cfg.out / "data"
-    if rank == 0 and not (folder / "samples.jsonl").exists():
-        demos = any(k != data.PROBE for k in cfg.kinds)
-        eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)] if demos else []
-        samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True)
-        data.save_samples(samples, folder, {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes,
-                                            "kinds": list(cfg.kinds)})
+    built_from = {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes, "kinds": list(cfg.kinds)}
+    if rank == 0:
+        manifest = folder / "manifest.json"
+        current = (folder / "samples.jsonl").exists() and manifest.exists() and \
+            json.loads(manifest.read_text()).get("built_from") == built_from
+        if not current:
+            shutil.rmtree(folder, ignore_errors=True)
+            demos = any(k != data.PROBE for k in cfg.kinds)
+            eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)] if demos else []
+            samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True)
+            data.save_samples(samples, folder, {"built_from": built_from})
     barrier()
     return data.load_samples(folder)
 
@@ -235,6 +295,23 @@ def step_questions(n, step, cfg, rank, world):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_every_rank(check):
+    """Run `check` on rank 0 and raise its UserError on every rank: one rank failing alone would leave
+    the others waiting in a collective forever."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            check()
+        except data.UserError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise data.UserError(error)
 
 
 def all_sum(values, device):
@@ -284,6 +361,9 @@ def format_warmup(model, processor, questions, cfg, device, log):
         logp = model.completion_logprobs(processor.encode(chunk, cfg.max_prompt_len).to(device), tokens, mask)
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = 5e-3 * (1 - step / cfg.format_warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == cfg.format_warmup - 1:
@@ -360,6 +440,7 @@ def update(policy, ref, opt, groups, processor, cfg, device, world, state):
                     g.old_logp = logp[k * G:(k + 1) * G]
     sums = {}
     for u in range(n_updates):
+        step_loss = 0.0                                 # this optimizer step's loss on this rank
         part = groups[u * per_rank:(u + 1) * per_rank]
         # DAPO's filter: groups with no signal leave the loss (their rows still run, keeping ranks in step)
         keep = [not (cfg.filter_groups and bool((g.advantages == 0).all())) for g in part]
@@ -379,6 +460,7 @@ def update(policy, ref, opt, groups, processor, cfg, device, world, state):
             loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg)
             count = float(loss_mask.sum()) if cfg.loss_agg == "token" else float((loss_mask.sum(1) > 0).sum())
             (loss * (count / total * world)).backward()
+            step_loss += st["loss"] * count / total
             st["entropy"] = float((ent * mask).sum() / mask.sum().clamp_min(1))
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v * count
@@ -386,13 +468,18 @@ def update(policy, ref, opt, groups, processor, cfg, device, world, state):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-        if not (math.isfinite(grad_norm) and math.isfinite(sums.get("loss", 0.0))):
+        # Skip or step is decided by all ranks together (the gradient norm is already global; a loss is
+        # per rank): a rank that skipped alone would fall out of step with the others, and hang them.
+        bad_ranks, loss_all = all_sum([float(not math.isfinite(step_loss)), step_loss], device)
+        if bad_ranks or not math.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)             # skip: parameters untouched
             state["bad_streak"] += 1
             state["skipped"] += 1
             if state["bad_streak"] >= cfg.max_bad_steps:
-                raise RuntimeError(f"{state['bad_streak']} optimizer steps in a row had a NaN/Inf loss or gradient "
-                                   f"(grad norm {grad_norm}); stopping. Lower --lr, or check the data and the model.")
+                raise data.UserError(
+                    f"{state['bad_streak']} optimizer steps in a row had a NaN/Inf loss or gradient (the last: loss "
+                    f"{loss_all}, gradient norm {grad_norm}, non-finite on {int(bad_ranks)} of {world} rank(s)); "
+                    f"stopping. Lower --lr, or check the data, the rewards and the model.")
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -457,17 +544,39 @@ def save_checkpoint(policy, opt, cfg, step, state, rank):
     barrier()
 
 
-def load_checkpoint(policy, opt, cfg):
+def checkpoints(out):
+    """Complete checkpoints, the one `latest` names first, then the others newest first (step_N.tmp
+    folders are writes that never finished and do not count)."""
+    root = out / "checkpoints"
+    done = sorted((p for p in root.glob("step_??????") if (p / "trainer.json").exists()), reverse=True)
+    latest = root / (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    return sorted(done, key=lambda p: p != latest)
+
+
+def load_checkpoint(policy, opt, cfg, device, log):
+    """Load the newest checkpoint that reads back whole; a damaged one is passed over with a warning
+    (a crash or a full disk can leave one), and the run continues from the one before it."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException      # a BaseException, not an Exception
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
-    folder = cfg.out / "checkpoints" / (cfg.out / "checkpoints" / "latest").read_text().strip()
-    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, opt)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_model_state_dict(policy, state["model"])
-    set_optimizer_state_dict(policy, opt, state["optim"])
-    opt.zero_grad(set_to_none=True)
-    return json.loads((folder / "trainer.json").read_text())
+    for folder in checkpoints(cfg.out):
+        state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, opt)}
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+            trainer = json.loads((folder / "trainer.json").read_text())
+            ok = 1.0
+        except (Exception, CheckpointException) as e:   # any failure to read it back means damaged
+            log(f"warning: checkpoint {folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "trying the one before it")
+            ok = 0.0
+        if all_sum([ok], device)[0] == (dist.get_world_size() if dist.is_initialized() else 1):   # whole on every rank
+            set_model_state_dict(policy, state["model"])
+            set_optimizer_state_dict(policy, opt, state["optim"])
+            opt.zero_grad(set_to_none=True)
+            return trainer, folder
+    raise data.UserError(f"--resume: no checkpoint in {cfg.out / 'checkpoints'} reads back whole; start a fresh run "
+                         f"with --overwrite")
 
 
 def export(policy, processor, folder, rank):
@@ -479,16 +588,27 @@ def export(policy, processor, folder, rank):
     barrier()
 
 
-def keep_lines(path, last_step):
+def read_jsonl(path, log=print):
+    """Records of a JSONL file. A line cut short (the process died while writing it) is dropped with
+    a warning; the run rewrites it."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1) if path.exists() else ():
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError:
+            log(f"warning: {path}:{n}: dropping a line cut short ({line[:60]!r}...)")
+    return rows
+
+
+def keep_lines(path, last_step, log):
     """Drop records after `last_step` (a resumed run rewrites them exactly)."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in lines))
+        path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path, log) if r["step"] <= last_step))
 
 
 def plot_curves(metrics_path, png_path):
     from eval import line_chart
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l]
+    rows = read_jsonl(metrics_path, lambda *a: None)
     series = lambda prefix: {k[len(prefix):] or k: [(r["step"], r[k]) for r in rows if k in r]
                              for k in sorted({k for r in rows for k in r if k.startswith(prefix)})}
     line_chart([("reward (mean over completions)", series("reward/")),
@@ -507,6 +627,87 @@ def log_completions(path, step, groups, n):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The run folder: never clobbered, one live run at a time, resumed exactly or not at all
+# ----------------------------------------------------------------------------------------------------
+RUN_RECORDS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "checkpoints", "start", "final")
+
+
+def check_run_folder(cfg):
+    """Read-only: may this run use --out? A fresh run refuses a folder that holds a run (unless
+    --overwrite); --resume needs a complete checkpoint and the settings the run was started with."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise data.UserError(f"--out {out}: is a file, not a folder")
+    if cfg.resume:
+        if not checkpoints(out):
+            raise data.UserError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start afresh without "
+                                 f"--resume{' and with --overwrite' if out.exists() else ''}")
+        saved = json.loads((out / "config.json").read_text())
+        now = json.loads(json.dumps(asdict(cfg), default=str))
+        diffs = [f"--{k} {saved.get(k)} in the run, {v} now" for k, v in now.items()
+                 if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if diffs:
+            raise data.UserError(f"--resume: a resumed run must continue the same optimisation, but {'; '.join(diffs)}. "
+                                 f"Pass the run's values (see {out / 'config.json'}), or start a fresh run in another --out")
+    elif any((out / name).exists() for name in RUN_RECORDS) and not cfg.overwrite:
+        done = read_jsonl(out / "metrics.jsonl", lambda *a: None)
+        raise data.UserError(f"--out {out} holds a run ({len(done)} steps recorded): continue it with --resume, replace "
+                             f"it with --overwrite, or choose another --out")
+
+
+class RunLock:
+    """One live run per folder: an exclusive lock on OUT/.lock while the run lives. The operating system
+    drops it when the process ends, however it ends, so a killed run never leaves a stale lock."""
+
+    def __init__(self, out):
+        import fcntl
+        self.file = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            other = self.file.read().strip() or "another process"
+            self.file.close()
+            raise data.UserError(f"--out {out} is in use by a live run ({other}); wait for it to end, or choose "
+                                 "another --out") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()
+
+
+def prepare_run(cfg, rank):
+    """Everything checked before anything is touched: the settings (resolve), the dataset folder, the
+    model source, the run folder. Then rank 0 locks the folder and, for a fresh run, clears its records.
+    -> the lock (rank 0; None on other ranks)."""
+    if cfg.dataset != "tabletop" and not data.load_samples(cfg.dataset):     # a bad record: its file, line, field
+        raise data.UserError(f"--dataset {cfg.dataset}: holds no questions")
+    M.check_source(cfg.model)
+    locks = []
+
+    def claim():                                          # rank 0: lock first, so that no other run slips in
+        data.check_writable(cfg.out)
+        lock = RunLock(cfg.out)
+        try:
+            check_run_folder(cfg)
+        except data.UserError:
+            lock.release()
+            raise
+        locks.append(lock)
+    on_every_rank(claim)
+    if rank == 0:
+        if not cfg.resume:
+            for name in RUN_RECORDS:
+                path = cfg.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    barrier()
+    return locks[0] if locks else None
+
+
+# ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
 def main(cfg: Config):
@@ -514,17 +715,22 @@ def main(cfg: Config):
     cfg = resolve(cfg)
     rank, world, device = setup_distributed()
     if cfg.update_prompts % world:
-        raise ValueError(f"--update_prompts {cfg.update_prompts} must be divisible by the {world} ranks")
+        raise data.UserError(f"--update_prompts {cfg.update_prompts} must be divisible by the {world} ranks")
     weights = reward.parse_weights(cfg.rewards)
     log = tqdm.write if rank == 0 else (lambda *a: None)
+    lock = prepare_run(cfg, rank)
+    try:
+        train(cfg, rank, world, device, weights, log)
+    finally:
+        if lock is not None:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg, rank, world, device, weights, log):
+    from tqdm import tqdm
     out = cfg.out
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:                      # a fresh run: no stale records or checkpoints
-            for stale in ("metrics.jsonl", "completions.jsonl", "checkpoints", "start", "final"):
-                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    barrier()
     questions = load_questions(cfg, rank)
     torch.manual_seed(cfg.seed)
     policy, processor = M.load(cfg.model, torch.float32, "cpu", seed=cfg.seed, min_pixels=cfg.min_pixels,
@@ -538,12 +744,12 @@ def main(cfg: Config):
     ref = wrap(ref, cfg, device, train=False) if ref is not None else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     state = {"step": -1, "bad_streak": 0, "skipped": 0}
-    if cfg.resume and (out / "checkpoints" / "latest").exists():
-        state = load_checkpoint(policy, opt, cfg)
+    if cfg.resume:
+        state, folder = load_checkpoint(policy, opt, cfg, device, log)
         if rank == 0:
-            keep_lines(out / "metrics.jsonl", state["step"])
-            keep_lines(out / "completions.jsonl", state["step"])
-        log(f"resumed from {out / 'checkpoints' / (out / 'checkpoints' / 'latest').read_text()} (step {state['step']})")
+            keep_lines(out / "metrics.jsonl", state["step"], log)
+            keep_lines(out / "completions.jsonl", state["step"], log)
+        log(f"resumed from {folder} (step {state['step']})")
     total = cfg.steps or math.ceil(cfg.epochs * len(questions) / cfg.rollout_prompts)
     log(f"{len(questions)} questions, {total} steps of {cfg.rollout_prompts} prompts x {cfg.group_size} samples "
         f"on {world} {device.type} rank(s); model {cfg.model}; run folder {out}")
@@ -573,10 +779,8 @@ def main(cfg: Config):
         export(policy, processor, out / "final", rank)
         log(f"exported the trained model in Hugging Face format to {out / 'final'}")
     log(f"done: curves {out / 'curves.png'}, metrics {out / 'metrics.jsonl'}, completions {out / 'completions.jsonl'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     import tyro
-    main(tyro.cli(Config))
+    data.cli(lambda: main(tyro.cli(Config)))

@@ -465,6 +465,36 @@ def _resolve(name):
                                 f"downloadable hub model ({type(e).__name__}: {e})") from None
 
 
+def check_source(name, flag="--model"):
+    """Fail before any work unless `name` is a preset or a complete checkpoint folder (a hub id is
+    downloaded first): its config, tokenizer, image-processor settings and weights present and readable.
+    -> the folder, or None for a preset."""
+    from data import UserError
+    if name in PRESETS:
+        return None
+    folder = _resolve(name)
+    wanted = {"config.json": ["config.json"], "the image processor's preprocessor_config.json": ["preprocessor_config.json"],
+              "a tokenizer (tokenizer.json, or vocab.json with merges.txt)": ["tokenizer.json"] if (
+                  folder / "tokenizer.json").exists() or not (folder / "vocab.json").exists() else ["vocab.json", "merges.txt"],
+              "weights (*.safetensors)": [p.name for p in sorted(folder.glob("*.safetensors"))] or ["*.safetensors"]}
+    missing = [what for what, names in wanted.items() if not all((folder / n).is_file() for n in names)]
+    if missing:
+        raise UserError(f"{flag} {name}: the folder {folder} lacks {', '.join(missing)}")
+    for n in (n for names in wanted.values() for n in names):
+        try:
+            with open(folder / n, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise UserError(f"{flag} {name}: cannot read {folder / n} ({e.strerror or e})") from None
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except ValueError as e:
+        raise UserError(f"{flag} {name}: {folder / 'config.json'} is not valid JSON ({e})") from None
+    if kind not in ("qwen2_5_vl", "qwen2_5_vl_text"):
+        raise UserError(f"{flag} {name}: {folder / 'config.json'} describes a {kind!r} model, not Qwen2.5-VL")
+    return folder
+
+
 def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None, max_pixels=None):
     """(model, processor) from a preset name ('tiny'), a local folder, or a hub id like
     'Qwen/Qwen2.5-VL-7B-Instruct'. min/max_pixels bound the image size the processor resizes to."""
@@ -478,7 +508,7 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
     else:
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
-        folder = _resolve(name)
+        folder = check_source(name)
         config = Qwen2_5_VLConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         image_processor = _image_processor_class().from_pretrained(folder)
@@ -489,8 +519,6 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         model.to(dtype)
         files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
         state = {_hf_to_ours(k): v for f in files for k, v in load_file(f).items()}
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)

@@ -17,22 +17,33 @@ from __future__ import annotations
 
 import re
 
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_NO_TAGS = r"(?:(?!</?think>|</?answer>).)*"          # text that opens or closes no tag
-FORMAT = re.compile(rf"\s*<think>{_NO_TAGS}</think>\s*<answer>{_NO_TAGS}</answer>\s*", re.DOTALL)
-NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-XYZ = re.compile(rf"^\[?\s*({NUMBER})\s*,\s*({NUMBER})\s*,\s*({NUMBER})\s*\]?$")
+# Every rule below runs in time linear in the text, on any input: a completion can be 2,048 tokens of
+# anything, and one slow reward would stall every rank of a training step. So no pattern may backtrack
+# over a long run: tags are found with str.find, and a number is `digits [. digits]`, never
+# `digits . digits` with both parts optional (which splits a digit run in n ways and takes ~n^4 for three).
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def answer_text(text):
-    """The content of the last <answer>...</answer>, stripped; None when there is none."""
-    found = ANSWER.findall(text)
-    return found[-1].strip() if found else None
+    """The content of the last <answer>...</answer>, stripped; None when there is none.
+    Pairs are taken left to right, each <answer> with the first </answer> after it."""
+    found, pos = None, 0
+    while (start := text.find("<answer>", pos)) >= 0:
+        end = text.find("</answer>", start + 8)
+        if end < 0:
+            break
+        found, pos = text[start + 8:end], end + 9
+    return found.strip() if found is not None else None
 
 
 def format_reward(text, sample=None):
     """1 when the completion is exactly <think>...</think> <answer>...</answer>, else 0."""
-    return 1.0 if FORMAT.fullmatch(text) else 0.0
+    t = text.strip()
+    if not (t.startswith("<think>") and t.endswith("</answer>") and all(t.count(tag) == 1 for tag in _TAGS)):
+        return 0.0
+    between = t[t.index("</think>") + len("</think>"):t.index("<answer>")]     # empty if the order is wrong
+    return 1.0 if t.index("</think>") < t.index("<answer>") and not between.strip() else 0.0
 
 
 def choice_reward(text, sample):
@@ -46,10 +57,12 @@ def choice_reward(text, sample):
 def parse_xyz(text):
     """'[0.25, -0.1, 0.9]' -> [0.25, -0.1, 0.9]; None when the answer is not three numbers."""
     got = answer_text(text)
-    m = XYZ.match(got) if got is not None else None
-    if not m:
+    if got is None:
         return None
-    xyz = [float(v) for v in m.groups()]
+    parts = [p.strip() for p in got.removeprefix("[").removesuffix("]").split(",")]
+    if len(parts) != 3 or not all(NUMBER.fullmatch(p) for p in parts):
+        return None
+    xyz = [float(p) for p in parts]
     return xyz if all(abs(v) < 1e6 for v in xyz) else None
 
 

@@ -1,5 +1,6 @@
 """data.py: keypoints, movement phrases, questions, RLBench loading, bad input, the simulator."""
 import json
+import os
 import pickle
 import re
 import sys
@@ -315,3 +316,23 @@ def test_bad_dataset_records_name_the_file_line_and_field(tmp_path, episodes):
     (tmp_path / json.loads(lines[0])["image"]).unlink()
     with pytest.raises(FileNotFoundError, match=r"samples\.jsonl:1: image .* does not exist"):
         data.load_samples(tmp_path)
+
+
+def test_rlbench_pickles_load_only_what_a_dataset_holds(tmp_path):
+    """A pickle that would run a command when loaded (it names os.system) is refused by name, and the
+    command never runs; the same refusal guards the task descriptions file."""
+    write_rlbench(tmp_path, n_eps=1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    d = tmp_path / "pick_up_cup" / "variation0"
+    for victim in (d / "episodes" / "episode0" / "low_dim_obs.pkl", d / "variation_descriptions.pkl"):
+        original = victim.read_bytes()
+        victim.write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(ValueError, match=r"refusing to load (posix|os|nt)\.system"):
+            data.load_rlbench(tmp_path)
+        assert not marker.exists(), "the payload ran"
+        victim.write_bytes(original)
+    assert len(data.load_rlbench(tmp_path)) == 1                 # numpy arrays and RLBench records still load

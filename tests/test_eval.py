@@ -1,13 +1,19 @@
 """eval.py: rule scorers, the closed-loop harness, the judge client, and the whole report on the tiny model."""
 import http.server
 import json
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import data
 import eval as E
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("answer, score", [
@@ -94,3 +100,52 @@ def test_report_has_every_section_and_is_deterministic(tmp_path):
         assert heading in md
     for png in ("choice.png", "bench.png", "loop.png", "examples.png"):
         assert (tmp_path / "a" / png).stat().st_size > 5000
+
+
+def fake_judge(replies):
+    """A local OpenAI-compatible endpoint answering with the given (status, text) pairs in turn, then 200 '2'."""
+    calls = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, text = replies[len(calls)] if len(calls) < len(replies) else (200, "2")
+            calls.append(status)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps({"choices": [{"message": {"content": text}}]}).encode())
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1", calls
+
+
+def test_judge_is_bounded_retries_transient_errors_and_fails_fast():
+    server, url, calls = fake_judge([(503, ""), (429, "")])
+    assert E.judge_request(url, "m", "q", backoff=0.01) == "2" and calls == [503, 429, 200]     # retried
+    server.shutdown()
+    server, url, calls = fake_judge([(401, "bad key")])
+    with pytest.raises(data.UserError, match="does not answer \\(HTTP 401"):                       # not retried
+        E.check_judge(url, "m", "k")
+    assert calls == [401]
+    server.shutdown()
+    with pytest.raises(data.UserError, match="plain http to another machine"):
+        E.check_judge("http://judge.example.com/v1", "m", "secret")
+    # scores already given are kept when the judge dies midway; the rest are not waited for one by one
+    server, url, calls = fake_judge([(200, "3")] * 4 + [(400, "")] * 100)
+    scores = E.judge_all([("q", "t", "a")] * 40, {"url": url, "model": "m"}, workers=1, give_up_after=3)
+    assert scores[:4] == [3] * 4 and scores[4:] == [None] * 36 and len(calls) == 4 + 3
+    server.shutdown()
+
+
+def test_unreachable_judge_stops_eval_before_any_answer_within_seconds(tmp_path):
+    """A closed loopback port: eval.py refuses at once, before evaluating anything, with one clear line."""
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--compare", "None", "--out", str(tmp_path / "r"),
+                        "--judge_url", "http://127.0.0.1:1/v1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "error: --judge_url http://127.0.0.1:1/v1: the judge does not answer (ConnectionRefusedError" in p.stderr
+    assert time.time() - t0 < 60 and not (tmp_path / "r" / "report.json").exists()

@@ -216,7 +216,107 @@ def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe
 def test_nan_steps_are_skipped_then_abort(tmp_path, probe_folder, monkeypatch):
     monkeypatch.setitem(reward.REWARDS, "poison", lambda text, sample: float("nan"))
     c = small(tmp_path / "nan", probe_folder, rewards="format=1,poison=1", steps=6, max_bad_steps=3)
-    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a NaN/Inf"):
+    with pytest.raises(data.UserError, match="3 optimizer steps in a row had a NaN/Inf"):
         grpo.main(c)
     rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [1, 2]
+
+
+# --- a run never loses work ---------------------------------------------------------------------------
+def snapshot(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(Path(folder).rglob("*")) if p.name != ".lock"}
+
+
+def test_a_run_folder_is_never_clobbered_by_a_failed_or_second_start(tmp_path, probe_folder):
+    run = small(tmp_path / "run", probe_folder, steps=2)
+    grpo.main(run)
+    before = snapshot(run.out)
+    assert (run.out / "final").is_dir() and (run.out / "checkpoints" / "latest").exists()
+    # a mistyped --model or --dataset, even with --overwrite: one line, no traceback, nothing touched
+    for bad in (["--model", str(tmp_path / "no_such_model")], ["--dataset", str(tmp_path / "no_such_data")]):
+        p = run_cli(cli(small(run.out, probe_folder, overwrite=True)) + bad)
+        log, _ = p.communicate(timeout=600)
+        assert p.returncode == 2 and "Traceback" not in log and log.strip().splitlines()[-2].startswith("error: "), log
+    # a fresh run into it refuses, saying how to go on
+    with pytest.raises(data.UserError, match="holds a run \\(2 steps recorded\\): continue it with --resume"):
+        grpo.main(small(run.out, probe_folder))
+    # a live run holds the folder: a second one refuses, naming it
+    lock = grpo.RunLock(run.out)
+    with pytest.raises(data.UserError, match=f"in use by a live run \\(pid {os.getpid()} on "):
+        grpo.main(small(run.out, probe_folder, overwrite=True))
+    lock.release()
+    assert snapshot(run.out) == before
+    # impossible settings are named together, before anything starts
+    with pytest.raises(data.UserError, match="--group_size 1: .*--temperature 0.0: .*--grad_clip -1.0: must be > 0"):
+        grpo.main(small(tmp_path / "new", probe_folder, group_size=1, grad_clip=-1.0, temperature=0.0))
+    assert not (tmp_path / "new").exists()
+
+
+def test_stale_tabletop_questions_are_rebuilt_not_reused(tmp_path):
+    def questions(**kw):
+        c = grpo.resolve(grpo.Config(out=tmp_path, tasks=("reach_target",), episodes=1, **kw))
+        return grpo.load_questions(c, 0)
+    assert {q.kind for q in questions(kinds=("waypoint",))} == {"waypoint"}
+    assert {q.kind for q in questions(kinds=("state",))} == {"state"}
+    built = json.loads((tmp_path / "data" / "manifest.json").read_text())["built_from"]
+    assert built == {"seed": 0, "tasks": ["reach_target"], "episodes": 1, "kinds": ["state"]}
+
+
+def test_resume_refuses_other_settings_and_falls_back_past_a_damaged_checkpoint(tmp_path, probe_folder, capsys):
+    with pytest.raises(data.UserError, match="--resume: no complete checkpoint"):
+        grpo.main(small(tmp_path / "empty", probe_folder, resume=True))
+    full = small(tmp_path / "full", probe_folder, steps=4)
+    grpo.main(full)
+    cut = small(tmp_path / "cut", probe_folder, steps=3, export=False)
+    grpo.main(cut)
+    with pytest.raises(data.UserError, match="--group_size 4 in the run, 6 now; --lr 0.001 in the run, 0.002 now"):
+        grpo.main(small(cut.out, probe_folder, steps=4, lr=2e-3, group_size=6, resume=True))
+    # the latest checkpoint (step 2) damaged, as a crash mid-write or a full disk leaves it, and the
+    # metrics' last line torn: the run warns, resumes from step 1 and ends exactly where the full one did
+    latest = cut.out / "checkpoints" / (cut.out / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_000002"
+    for shard in latest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    with open(cut.out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward/to')
+    capsys.readouterr()
+    grpo.main(small(cut.out, probe_folder, steps=4, resume=True))
+    printed = capsys.readouterr()
+    said = printed.out + printed.err
+    assert "checkpoint" in said and "step_000002 is damaged" in said and "resumed from" in said and "step_000001" in said
+    assert "dropping a line cut short" in said
+    a, b = params(full.out), params(cut.out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+                          for l in path.read_text().splitlines()]
+    assert strip(full.out / "metrics.jsonl") == strip(cut.out / "metrics.jsonl")
+
+
+NAN_ON_ONE_RANK = """
+import sys
+sys.path.insert(0, {root!r})
+import data, grpo, reward, tyro
+reward.REWARDS["poison"] = lambda text, sample: float("nan") if sample.id == {poison!r} else 0.0
+data.cli(lambda: grpo.main(tyro.cli(grpo.Config)))
+"""
+
+
+def test_a_nan_on_one_rank_skips_that_optimizer_step_on_every_rank(tmp_path, probe_folder):
+    """Two gloo ranks, two optimizer steps per rollout. One question of rank 1 at step 0 gets a NaN reward:
+    that rank's first optimizer step has a NaN loss. Both ranks must skip exactly that step and take the
+    next (with --max_bad_steps 2, a rank that counted its later steps as bad, or decided alone, would abort
+    or leave the other waiting)."""
+    c = small(tmp_path / "nan", probe_folder, steps=3, rollout_prompts=8, update_prompts=4, micro_prompts=2,
+              gen_prompts=4, max_bad_steps=2, rewards="format=1,choice=1,poison=1", export=False)
+    qs = data.load_samples(probe_folder)
+    idx, _ = grpo.step_questions(len(qs), 0, c, rank=1, world=2)
+    script = tmp_path / "train_with_poison.py"
+    script.write_text(NAN_ON_ONE_RANK.format(root=str(ROOT), poison=qs[idx[0]].id))
+    p = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", str(script),
+                 *cli(c)[1:]], {"OMP_NUM_THREADS": "1"})
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, log[-3000:]
+    rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 1]
+    assert math.isnan(rows[0]["reward/poison"]) and rows[1]["reward/poison"] == 0.0

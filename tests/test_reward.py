@@ -1,5 +1,7 @@
 """reward.py: the paper's format and answer rewards, the open-ended L1 reward, never raising."""
 import random
+import re
+import time
 
 import pytest
 
@@ -75,3 +77,47 @@ def test_rewards_never_raise_on_any_string():
                 assert 0.0 <= v <= 1.0
     assert reward.l1_reward("<answer>[1e999, 0, 0]</answer>", open_q()) == 0.0
     assert reward.l1_reward("<answer>[nan, 0, 0]</answer>", open_q()) == 0.0
+
+
+# The earlier regular expressions, kept as the reference the linear-time rules must agree with. On short
+# texts they are fast; on long digit runs or repeated tags they backtrack for minutes.
+_OLD_NO_TAGS = r"(?:(?!</?think>|</?answer>).)*"
+OLD_FORMAT = re.compile(rf"\s*<think>{_OLD_NO_TAGS}</think>\s*<answer>{_OLD_NO_TAGS}</answer>\s*", re.DOTALL)
+OLD_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OLD_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+OLD_XYZ = re.compile(rf"^\[?\s*({_OLD_NUMBER})\s*,\s*({_OLD_NUMBER})\s*,\s*({_OLD_NUMBER})\s*\]?$")
+
+
+def test_linear_rules_agree_with_the_regular_expressions_on_short_texts():
+    rng = random.Random(1)
+    atoms = ["<think>", "</think>", "<answer>", "</answer>", "[[C]]", "C", "[", "]", ",", " ", "\n", "-", ".", "e",
+             "1", "25", "x", "<", ">", "/"]
+    for _ in range(20000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 14)))
+        assert reward.format_reward(text) == (1.0 if OLD_FORMAT.fullmatch(text) else 0.0), repr(text)
+        found = OLD_ANSWER.findall(text)
+        old_answer = found[-1].strip() if found else None
+        assert reward.answer_text(text) == old_answer, repr(text)
+        m = OLD_XYZ.match(old_answer) if old_answer is not None else None
+        old_xyz = [float(v) for v in m.groups()] if m else None
+        assert reward.parse_xyz(text) == old_xyz, repr(text)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("digit run", "<answer>" + "1" * 1_000_000 + "</answer>"),
+    ("three long numbers", "<answer>[" + ",".join(["9" * 300_000] * 3) + "x]</answer>"),
+    ("unclosed answers", "<answer>" * 125_000),
+    ("answers closed once at the end", "<answer>" * 120_000 + "</answer>"),
+    ("repeated think pairs", "<think>" + "</think><answer></answer>x" * 40_000),
+    ("whitespace then no tag", " " * 1_000_000 + "x"),
+    ("random tag soup", "".join(random.Random(2).choice(["<think>", "</answer>", "<answer>", "1", ".", ","])
+                                for _ in range(200_000))),
+])
+def test_rewards_take_linear_time_on_adversarial_megabytes(name, text):
+    """Every reward and the answer extraction on 1 MB texts built to make backtracking patterns explode.
+    A linear scan of 1 MB takes milliseconds; the bound of 2 s per call is ~100x that, and far below
+    what a quadratic rule needs here (hours): this checks the complexity, not the speed."""
+    for fn in [reward.answer_text, *(lambda t, f=f: [f(t, q) for q in (mc(), open_q())] for f in reward.REWARDS.values())]:
+        t0 = time.perf_counter()
+        fn(text)
+        assert time.perf_counter() - t0 < 2.0, f"{name}: {fn} took {time.perf_counter() - t0:.1f}s on {len(text)} chars"
