@@ -1,8 +1,9 @@
 """data.py: robot demonstrations -> keypoints -> Robot-R1 questions.
 
 Robot-R1 never imitates actions. It turns expert demonstrations into multiple-choice questions about
-the robot's *state* (PAPER.md §2): for every 10th frame t of a demonstration, find the next keypoint
-k* > t (a frame where the arm stops or the gripper opens/closes), then ask
+the robot's *state* (Kim et al., Robot-R1, arXiv 2506.00070, data generation): for every 10th frame t of
+a demonstration, find the next keypoint k* > t (a frame where the arm stops or the gripper opens or
+closes), then ask
   waypoint   "here is the image and the current position: which option is the next keypoint?"
   state      "here is the image: which option is the current position?"
   movement   "which movement phrase ('move down, slightly move left') gets us to the next keypoint?"
@@ -40,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 # ----------------------------------------------------------------------------------------------------
 TABLE_CENTRE = np.array([0.25, 0.0, 0.752])
 TABLE_Z = 0.752
-# "The valid workspace above the table": where distractor positions are drawn (PAPER.md §2, open).
+# "The valid workspace above the table": where distractor positions are drawn (left open by the paper).
 WORKSPACE = (np.array([-0.05, -0.35, 0.77]), np.array([0.55, 0.35, 1.25]))
 TRAIN_TASKS = ("pick_up_cup", "push_button", "put_rubbish_in_bin", "phone_on_base", "take_lid_off_saucepan")
 HELDOUT_TASKS = ("stack_blocks", "reach_target", "slide_block_to_target")
@@ -700,8 +701,9 @@ def _load_rlbench_episode(d, task):
 # Keypoints and movement phrases
 # ----------------------------------------------------------------------------------------------------
 def keypoint_discovery(gripper_open, joint_velocities, stopping_delta=0.1):
-    """ARM's keypoint heuristic (PAPER.md §2). Frame i > 0 is a keypoint when the gripper state changed
-    since i-1, when i is the last frame, or when the arm *stopped*: all joint velocities within
+    """ARM's keypoint heuristic (James & Davison, arXiv 2105.14829), as Robot-R1 uses it. Frame i > 0 is a
+    keypoint when the gripper state changed since i-1, when i is the last frame, or when the arm
+    *stopped*: all joint velocities within
     ±stopping_delta, the gripper unchanged over frames i-2..i+1, i not the second-to-last frame, and no
     stop in the 4 frames before. If the last two keypoints are adjacent, the earlier one is dropped.
 
@@ -752,7 +754,8 @@ def _phrase(moves):
 
 
 def _neighbour_moves(moves):
-    """'Adjacent movements' (PAPER.md §2, open): flip one axis, toggle 'slightly', add or drop one axis."""
+    """'Adjacent movements' (the paper's words; their choice is left open): flip one axis, toggle 'slightly',
+    add or drop one axis."""
     out = []
     for a, (pos, slight) in moves.items():
         out.append({**moves, a: (not pos, slight)})
@@ -765,7 +768,7 @@ def _neighbour_moves(moves):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Questions: the paper's prompts (PAPER.md §3), options, answers
+# Questions: the paper's prompts (Robot-R1's appendix), options, answers
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
@@ -1090,9 +1093,6 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     for key, n in manifest["counts"].items():
         print(f"  {key:40s} {n}")
     print(f"  preview: {Path(out) / 'preview.png'}")
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -316,7 +316,7 @@ class Processor:
         self.eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
 
     def chat_text(self, prompt):
-        """Our prompts mark the image with '<image>' (PAPER.md §3); the chat template places it there."""
+        """Our prompts mark the image with '<image>' (as the paper's prompt does); the chat template places it there."""
         before, found, after = prompt.partition("<image>")
         content = [{"type": "text", "text": before}] + ([{"type": "image"}, {"type": "text", "text": after}] if found else [])
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -472,7 +472,10 @@ def check_source(name, flag="--model"):
     from data import UserError
     if name in PRESETS:
         return None
-    folder = _resolve(name)
+    try:
+        folder = _resolve(name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag} {e}") from None
     wanted = {"config.json": ["config.json"], "the image processor's preprocessor_config.json": ["preprocessor_config.json"],
               "a tokenizer (tokenizer.json, or vocab.json with merges.txt)": ["tokenizer.json"] if (
                   folder / "tokenizer.json").exists() or not (folder / "vocab.json").exists() else ["vocab.json", "merges.txt"],

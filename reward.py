@@ -1,6 +1,6 @@
 """reward.py: completion text + question -> reward components.
 
-Robot-R1's reward (PAPER.md §4) is R = r_format + r_answer, each 0 or 1:
+Robot-R1's reward (Kim et al., arXiv 2506.00070) is R = r_format + r_answer, each 0 or 1:
     format   the whole completion is <think>...</think> then <answer>...</answer> (whitespace around)
     choice   the <answer> content names the correct option: "[[C]]" (or a bare "C")
     l1       open-ended variant: clip(1 - |x-x*| - |y-y*| - |z-z*|, 0, 1) metres
@@ -9,8 +9,11 @@ Robot-R1's reward (PAPER.md §4) is R = r_format + r_answer, each 0 or 1:
     >>> score("<think>the cup is left</think> <answer>[[C]]</answer>", s, {"format": 1, "choice": 1})
     {'format': 1.0, 'choice': 1.0, 'total': 2.0}
 
-A reward function takes (text, sample) and returns a float; it never raises, whatever the text. To try
-a new reward, write one here, add it to REWARDS and name it on the command line:
+A reward function takes (text, sample) and returns a float. The contract for every reward, yours too:
+it never raises and it runs in time linear in the text, whatever the text (a completion can be 2,048
+tokens of anything, and one slow reward stalls every rank of a training step; tests/test_reward.py
+feeds each registered reward 1 MB adversarial texts). To try a new reward, write one here, add it to
+REWARDS and name it on the command line:
     python grpo.py --rewards format=1,choice=1,my_reward=0.5
 """
 from __future__ import annotations

@@ -106,14 +106,21 @@ def accuracy_curve(out):
 
 def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_path, probe_folder):
     """Proof of learning: the same run twice, once with every advantage's sign flipped. The probe's answer
-    is in the image alone (data.probe_samples); chance is 25%."""
+    is in the image alone (data.probe_samples); chance is 25%.
+
+    Robust by construction, not by luck: the format warm-up converges (decaying lr, clipped gradients), so
+    GRPO starts from a model that writes the format and answers at chance; the paper's KL penalty
+    (beta 0.01, the default) pulls the policy back when an update breaks the format. Checked on seeds 0-4
+    with torch 2.13 (CPU) and 2.14: learned 0.5-0.8, flipped 0.00 (README, "Proof of learning")."""
     runs = {}
     for flip in (False, True):
         c = small(tmp_path / f"flip{flip}", probe_folder, steps=90, rollout_prompts=16, update_prompts=16,
-                  micro_prompts=16, gen_prompts=16, group_size=8, format_warmup=100, beta=0.0, flip_advantages=flip,
+                  micro_prompts=16, gen_prompts=16, group_size=8, format_warmup=100, beta=1e-2, flip_advantages=flip,
                   save_every=1000, export=False)
         grpo.main(c)
         runs[flip] = accuracy_curve(c.out)
+        start_format = json.loads((c.out / "metrics.jsonl").read_text().splitlines()[0])["reward/format"]
+        assert start_format > 0.9, f"the format warm-up must hand GRPO a model that writes the format: {start_format}"
     start, learned, flipped = np.mean(runs[False][:5]), np.mean(runs[False][-20:]), np.mean(runs[True][-20:])
     assert start < 0.4, f"starts near chance: {runs[False][:5]}"
     assert learned > 0.45, f"GRPO should learn the probe: last accuracies {runs[False][-20:]}"
@@ -320,3 +327,26 @@ def test_a_nan_on_one_rank_skips_that_optimizer_step_on_every_rank(tmp_path, pro
     rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [1, 1, 1]
     assert math.isnan(rows[0]["reward/poison"]) and rows[1]["reward/poison"] == 0.0
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, probe_folder, monkeypatch, capsys):
+    import errno
+    import torch.distributed.checkpoint as dcp
+    real_save, calls = dcp.save, []
+
+    def save_until_the_disk_fills(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:                        # the second checkpoint: the disk is full halfway through
+            real_save(*args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", kwargs["checkpoint_id"])
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(dcp, "save", save_until_the_disk_fills)
+    c = small(tmp_path / "full_disk", probe_folder, steps=3)
+    with pytest.raises(SystemExit) as exit_code:
+        data.cli(lambda: grpo.main(c))
+    assert exit_code.value.code == 2
+    assert "error: no space left on the device while writing" in capsys.readouterr().err
+    assert [p.name for p in grpo.checkpoints(c.out)] == ["step_000000"]
+    monkeypatch.setattr(dcp, "save", real_save)
+    grpo.main(small(c.out, probe_folder, steps=3, resume=True))     # and the run goes on from it
+    assert [json.loads(l)["step"] for l in (c.out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]

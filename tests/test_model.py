@@ -169,3 +169,21 @@ def test_long_prompt_is_rejected_with_a_clear_error(tiny):
 def test_unknown_model_name_says_what_it_accepts(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         M.load(str(tmp_path / "nope"))
+
+
+def test_an_incomplete_model_folder_is_named_before_any_work(tiny, tmp_path):
+    """model.check_source (grpo.py and eval.py call it before touching anything) names what a folder lacks."""
+    import data
+    m, proc = tiny
+    M.save_hf(m.state_dict(), m.config, proc, tmp_path)
+    assert M.check_source(str(tmp_path)) == tmp_path
+    (tmp_path / "model.safetensors").rename(tmp_path / "weights.bak")
+    (tmp_path / "preprocessor_config.json").unlink()
+    with pytest.raises(data.UserError, match=r"--model .*lacks the image processor's preprocessor_config\.json, "
+                                             r"weights \(\*\.safetensors\)"):
+        M.check_source(str(tmp_path))
+    (tmp_path / "weights.bak").rename(tmp_path / "model.safetensors")
+    proc.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(data.UserError, match="describes a 'llama' model, not Qwen2.5-VL"):
+        M.check_source(str(tmp_path), "--compare")

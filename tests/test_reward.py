@@ -20,7 +20,7 @@ def open_q():
 @pytest.mark.parametrize("text, fmt, choice", [
     ("<think>the cup is left of the gripper</think><answer>[[C]]</answer>", 1, 1),
     ("  <think>\nmulti\nline\n</think>\n\n<answer> [[C]] </answer>\n", 1, 1),
-    ("<think>x</think><answer>C</answer>", 1, 1),                       # bare letter (PAPER.md §4, open)
+    ("<think>x</think><answer>C</answer>", 1, 1),                       # bare letter (left open by the paper)
     ("<think>x</think><answer>[[B]]</answer>", 1, 0),
     ("<think>x</think><answer>[[C]] or [[D]]</answer>", 1, 0),
     ("<answer>[[C]]</answer>", 0, 1),                                   # right answer, no reasoning
