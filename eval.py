@@ -153,7 +153,7 @@ def load_policy(name, ckpt=None, device="cpu"):
         dcp.load(state, checkpoint_id=str(ckpt))
         model.load_state_dict(state["model"])
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return model.to(device=device, dtype=dtype).eval(), proc
+    return M.cast_parameters(model.to(device), dtype).eval(), proc
 
 
 def answers(model, proc, questions, max_new_tokens, batch_size, device, desc="answering", progress=True):

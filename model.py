@@ -70,8 +70,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, past=None, cache=None, slots=None):
-        """x (B, T, H); mask (B, T, S) True = may attend. Keys are `past` + these tokens (training), or
-        the whole static `cache` after writing these tokens at `slots` (sampling). -> out, (k, v) new."""
+        """x (B, T, H); mask (B, 1, g*T, S) True = may attend, folded for the g query heads of a key head
+        (fold_mask). Keys are `past` + these tokens (training), or the whole static `cache` after
+        writing these tokens at `slots` (sampling). -> out, (k, v) new."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -88,8 +89,7 @@ class Attention(nn.Module):
         # folded into the query axis, (B, n_kv, g*T, d), and attend like ordinary heads.
         g = self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, g * T, self.head_dim)
-        m = mask[:, None, None].expand(B, 1, g, T, mask.shape[-1]).reshape(B, 1, g * T, mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)          # (B, n_kv, g*T, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)       # (B, n_kv, g*T, d)
         out = out.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), new
 
@@ -125,6 +125,13 @@ class TextDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+def fold_mask(mask, g):
+    """(B, T, S) -> (B, 1, g*T, S): the mask of the g query heads folded onto one key head, made once
+    per forward and shared by every layer (made per layer, it would be a fresh copy in each)."""
+    B, T, S = mask.shape
+    return mask[:, None, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
 
 
 def attention_mask(key_valid, query_slots):
@@ -200,6 +207,7 @@ class Qwen2_5_VL(nn.Module):
             mask = attention_mask(torch.cat([past_valid, valid], 1), slots)
         else:
             mask = attention_mask(valid, torch.arange(T, device=x.device))
+        mask = fold_mask(mask, self.text.num_attention_heads // self.text.num_key_value_heads)
         kvs = []
         for i, layer in enumerate(lm.layers):
             x, kv = layer(x, cos, sin, mask, past[i] if past is not None else None,
@@ -520,7 +528,7 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
         model.lm_head.to_empty(device="cpu")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        model.to(dtype)
+        cast_parameters(model, dtype)
         files = sorted(folder.glob("*.safetensors"))
         state = {_hf_to_ours(k): v for f in files for k, v in load_file(f).items()}
         if config.tie_word_embeddings:
@@ -532,7 +540,17 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
     if min_pixels or max_pixels:
         image_processor = _image_processor_class()(**{**image_processor.to_dict(), **{
             k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}})
-    return model.to(dtype=dtype, device=device), Processor(tokenizer, image_processor, config)
+    return cast_parameters(model.to(device), dtype), Processor(tokenizer, image_processor, config)
+
+
+def cast_parameters(model, dtype):
+    """Parameters to `dtype`; buffers keep theirs. The vision tower's rotary inv_freq stays fp32, as
+    transformers keeps it: cast to bf16, its angles (and so every image token) would drift from the
+    reference's by ~1e-2 relative."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def save_hf(state_dict, config, processor, folder):

@@ -187,3 +187,20 @@ def test_an_incomplete_model_folder_is_named_before_any_work(tiny, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(data.UserError, match="describes a 'llama' model, not Qwen2.5-VL"):
         M.check_source(str(tmp_path), "--compare")
+
+
+def test_bf16_loading_keeps_the_vision_rotary_table_in_fp32_as_transformers_does(tiny, tmp_path):
+    """Loaded in bf16, our model casts parameters only: the vision tower (transformers' own module) then
+    gives bit-identical image tokens to transformers' model loaded in bf16."""
+    m, proc = tiny
+    M.save_hf(m.state_dict(), m.config, proc, tmp_path)
+    ours, _ = M.load(str(tmp_path), torch.bfloat16)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert ours.model.visual.rotary_pos_emb.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    batch = proc.encode(questions(2, seed=7))
+    with torch.no_grad():
+        a = ours.image_features(batch.pixel_values, batch.image_grid_thw)
+        b = ref.model.visual(batch.pixel_values.to(torch.bfloat16), grid_thw=batch.image_grid_thw)
+    b = getattr(b, "pooler_output", b)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
