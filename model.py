@@ -180,6 +180,14 @@ class Qwen2_5_VL(nn.Module):
         out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw)
         return getattr(out, "pooler_output", out)      # transformers 5 returns a ModelOutput
 
+    def blank_image(self, device):
+        """The smallest image the vision tower takes: one frame of merge x merge patches, all zero.
+        -> (pixel_values (patches, channels * temporal * patch^2), image_grid_thw (1, 3))."""
+        v = self.config.vision_config
+        n = v.spatial_merge_size
+        pixels = torch.zeros(n * n, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, device=device)
+        return pixels, torch.tensor([[1, n, n]], device=device)
+
     def forward(self, input_ids, positions, mask_valid, image_features=None, past=None, past_valid=None,
                 cache=None, slot=None):
         """Hidden states after the final norm, and each layer's (k, v) for these tokens.
@@ -230,8 +238,16 @@ class Qwen2_5_VL(nn.Module):
         """
         R, T = completions.shape
         G = R // batch.input_ids.shape[0]
-        feats = self.image_features(batch.pixel_values, batch.image_grid_thw) if batch.pixel_values is not None else None
+        if batch.pixel_values is not None:
+            feats, anchor = self.image_features(batch.pixel_values, batch.image_grid_thw), 0.0
+        else:
+            # No image in this batch: the vision tower runs all the same, on a blank 28x28 image whose
+            # tokens enter with weight 0. Under FSDP its blocks gather their shards together with the
+            # other ranks in the forward and reduce gradients in the backward: a rank that skipped
+            # them would leave every other rank waiting.
+            feats, anchor = None, 0.0 * self.image_features(*self.blank_image(completions.device)).sum()
         h_prompt, kv = self.forward(batch.input_ids, batch.positions, batch.attention_mask, feats)
+        h_prompt = h_prompt + anchor
         past = [(k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in kv]
         pos = batch.next_position.repeat_interleave(G)[:, None] + torch.arange(T, device=completions.device)
         h_comp, _ = self.forward(completions, pos.expand(3, R, T), completion_mask, past=past,

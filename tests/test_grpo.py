@@ -350,3 +350,25 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, probe_f
     monkeypatch.setattr(dcp, "save", real_save)
     grpo.main(small(c.out, probe_folder, steps=3, resume=True))     # and the run goes on from it
     assert [json.loads(l)["step"] for l in (c.out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_rank_whose_prompts_have_no_image_still_runs_the_vision_tower(tmp_path):
+    """Two gloo ranks; at step 0 rank 1's prompts are text only. Under FSDP the vision blocks gather and
+    reduce on every rank together, so rank 1 must run them too (on a blank image, weight 0), or both hang."""
+    folder = tmp_path / "mixed"
+    c = small(tmp_path / "run", folder, steps=1, rollout_prompts=8, update_prompts=8, micro_prompts=4, gen_prompts=4,
+              format_warmup=5, export=False)
+    qs = data.probe_samples(32, 1)
+    idx, _ = grpo.step_questions(len(qs), 0, c, rank=1, world=2)
+    for i in idx:
+        qs[i].prompt = qs[i].prompt.replace("<image>", "")
+    data.save_samples(qs, folder, progress=False)
+    p = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535", *cli(c)],
+                {"OMP_NUM_THREADS": "1"})
+    try:
+        log, _ = p.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("the ranks hung") from None
+    assert p.returncode == 0, log[-3000:]
+    assert len((c.out / "metrics.jsonl").read_text().splitlines()) == 1
