@@ -138,10 +138,11 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
 class _EagerStep:
     def __init__(self, model, cache, rows, dev):
         self.model, self.cache, self.ones = model, cache, torch.ones(rows, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros((), dtype=torch.long, device=dev)     # on the device: no host copy per token
 
     def __call__(self, tok, pos, slot):
-        return self.model.next_token_logits(tok, pos, self.ones, cache=self.cache,
-                                            slot=torch.tensor(slot, device=tok.device))
+        self.slot.fill_(slot)
+        return self.model.next_token_logits(tok, pos, self.ones, cache=self.cache, slot=self.slot)
 
 
 class _GraphedStep:

@@ -131,6 +131,16 @@ def params(folder):
     return load_file(Path(folder) / "final" / "model.safetensors")
 
 
+def assert_same_run(a, b):
+    """Two run folders ended with bit-identical parameters and metrics (timings aside)."""
+    pa, pb = params(a), params(b)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+                          for l in path.read_text().splitlines()]
+    assert strip(Path(a) / "metrics.jsonl") == strip(Path(b) / "metrics.jsonl")
+
+
 def run_cli(args, env=None, **kw):
     e = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", **(env or {})}
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -199,12 +209,7 @@ def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe
     p.wait()
     assert latest.exists() and not (cut.out / "final").exists(), "killed before the end"
     grpo.main(small(tmp_path / "cut", probe_folder, steps=5, resume=True))
-    a, b = params(full.out), params(cut.out)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
-                          for l in path.read_text().splitlines()]
-    assert strip(full.out / "metrics.jsonl") == strip(cut.out / "metrics.jsonl")
+    assert_same_run(full.out, cut.out)
     # the export is a Hugging Face checkpoint
     ours, proc = M.load(str(cut.out / "final"))
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(cut.out / "final").eval()
@@ -292,12 +297,7 @@ def test_resume_refuses_other_settings_and_falls_back_past_a_damaged_checkpoint(
     said = printed.out + printed.err
     assert "checkpoint" in said and "step_000002 is damaged" in said and "resumed from" in said and "step_000001" in said
     assert "dropping a line cut short" in said
-    a, b = params(full.out), params(cut.out)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
-                          for l in path.read_text().splitlines()]
-    assert strip(full.out / "metrics.jsonl") == strip(cut.out / "metrics.jsonl")
+    assert_same_run(full.out, cut.out)
 
 
 NAN_ON_ONE_RANK = """
