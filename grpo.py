@@ -122,6 +122,9 @@ class Config:
     """completions per step written to completions.jsonl"""
     max_bad_steps: int = 3
     """abort after this many optimizer steps in a row with a NaN/Inf loss or gradient"""
+    plan: int = 0
+    """print the memory plan per GPU for this many GPUs (from the model's real sizes, no weights loaded)
+    and exit; 0 trains"""
 
 
 PAPER = dict(kinds=("waypoint", "state", "movement"), episodes=50, group_size=5, rollout_prompts=512, update_prompts=128, micro_prompts=4, gen_prompts=16,
@@ -135,7 +138,7 @@ TINY = dict(kinds=("probe",), episodes=12, group_size=8, rollout_prompts=16, upd
 # Settings a resumed run may change: they decide how long the run goes and what it records, never the
 # numbers of the optimisation. Every other setting must equal the run's (resume is exact, or refuses).
 RESUMABLE_CHANGES = ("steps", "epochs", "save_every", "log_samples", "export", "max_bad_steps", "resume", "overwrite",
-                     "out")
+                     "out", "plan")
 
 
 def resolve(cfg: Config) -> Config:
@@ -185,6 +188,7 @@ def check(cfg: Config):
         (not (cfg.min_pixels and cfg.max_pixels) or 0 < cfg.min_pixels <= cfg.max_pixels,
          f"--min_pixels {cfg.min_pixels} and --max_pixels {cfg.max_pixels}: need 0 < min <= max"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: choose one"),
+        (cfg.plan >= 0, f"--plan {cfg.plan}: the number of GPUs to plan for, or 0 to train"),
     ]
     problems = [message for ok, message in rules if not ok]
     try:
@@ -715,11 +719,83 @@ def prepare_run(cfg, rank):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The memory plan: bytes per GPU from the model's real sizes and the run's settings
+# ----------------------------------------------------------------------------------------------------
+def plan_config(name):
+    """A model's configuration without its weights: a preset, a folder's config.json, the 7B shape."""
+    from transformers import Qwen2_5_VLConfig
+    if name in M.PRESETS:
+        return M.load(name)[0].config
+    if name == "Qwen/Qwen2.5-VL-7B-Instruct" and not Path(name).is_dir():
+        from sample import qwen7b_config
+        return qwen7b_config()
+    return Qwen2_5_VLConfig.from_pretrained(M.check_source(name))
+
+
+def memory_plan(cfg, world):
+    """GB per GPU by component, at the configured lengths (the worst case: every prompt max_prompt_len
+    tokens, every answer max_new_tokens). The model is built on the meta device to count its parameters;
+    the rest is arithmetic on its shapes. On a GPU, FSDP keeps fp32 shards and computes in bf16.
+    -> [(component, phase, GB, how it is counted)]"""
+    config = plan_config(cfg.model)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in M.Qwen2_5_VL(config).parameters())
+    t = config.text_config
+    L, H, I, V = t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.vocab_size
+    hd, g = H // t.num_attention_heads, t.num_attention_heads // t.num_key_value_heads
+    kv = L * 2 * t.num_key_value_heads * hd * 2                    # bytes of K and V per token, all layers, bf16
+    G, P, T = cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens
+    rows, B = cfg.gen_prompts * G, cfg.micro_prompts
+    R, tokens = B * G, B * P + B * G * T                          # a micro-batch: prompts once, G answers each
+    GB = 1e9
+    return [
+        ("parameters, fp32 shards", "always", 4 * n / world / GB, f"{n / 1e9:.2f}B x 4 B / {world}"),
+        ("gradients, fp32 shards", "always", 4 * n / world / GB, "as the parameters"),
+        ("AdamW moments, fp32 shards", "always", 8 * n / world / GB, "2 x the parameters"),
+        *([("reference model, fp32 shards", "always", 4 * n / world / GB, "as the parameters (beta > 0)")]
+          if cfg.beta > 0 else []),
+        ("policy gathered in bf16", "rollout", 2 * n / GB, f"{n / 1e9:.2f}B x 2 B, once per rollout"),
+        ("KV cache", "rollout", (rows + cfg.gen_prompts) * (P + T) * kv / GB,
+         f"({cfg.gen_prompts} prompts x {G} + the prefill's {cfg.gen_prompts}) rows x {P + T} slots x {kv:,} B"),
+        ("embeddings and lm_head gathered in bf16", "update", 2 * 2 * V * H / GB, f"2 x {V:,} x {H} x 2 B"),
+        ("block inputs kept by checkpointing", "update", tokens * H * 2 * L / GB,
+         f"{tokens:,} tokens ({B} prompts + {R} answers) x {H} x 2 B x {L} layers"),
+        ("prompt keys/values repeated for the G answers", "update", R * P * kv / GB, f"{R} rows x {P} x {kv:,} B"),
+        ("one block recomputed, with its gradients", "update", tokens * (4 * I + 7 * H) * 2 / GB,
+         f"{tokens:,} tokens x (4 x {I} + 7 x {H}) x 2 B"),
+        ("attention mask (bool) and SDPA's bf16 copy of it", "update", 3 * R * g * T * (P + T) / GB,
+         f"{R} rows x {g} heads per key head x {T} x {P + T} x 3 B"),
+        ("log-prob kernel: grad of h, a slice of grad W and of the logits", "update",
+         (B * G * T * H * 4 + 2 * 16384 * H * 4) / GB, f"{B * G * T:,} x {H} x 4 B + 2 x 16,384 x {H} x 4 B"),
+    ]
+
+
+def print_plan(cfg, world):
+    rows = memory_plan(cfg, world)
+    always = sum(gb for _, phase, gb, _ in rows if phase == "always")
+    print(f"Memory per GPU, {cfg.model} on {world} GPUs: {cfg.gen_prompts} prompts x G={cfg.group_size} per rollout "
+          f"batch, {cfg.micro_prompts} prompts per micro-batch, prompts <= {cfg.max_prompt_len} and answers <= "
+          f"{cfg.max_new_tokens} tokens (by calculation: `python grpo.py --plan {world} ...`)\n")
+    print("| component | when | GB | counted as |\n|---|---|---|---|")
+    for phase in ("always", "rollout", "update"):
+        for name, p, gb, how in rows:
+            if p == phase:
+                print(f"| {name} | {phase} | {gb:.1f} | {how} |")
+        extra = sum(gb for _, p, gb, _ in rows if p == phase)
+        if phase != "always":
+            print(f"| **{phase} peak** (always held + {phase}) | | **{always + extra:.1f}** | |")
+        else:
+            print(f"| **always held** | | **{always:.1f}** | |")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
 def main(cfg: Config):
     from tqdm import tqdm
     cfg = resolve(cfg)
+    if cfg.plan:
+        return print_plan(cfg, cfg.plan)
     rank, world, device = setup_distributed()
     if cfg.update_prompts % world:
         raise data.UserError(f"--update_prompts {cfg.update_prompts} must be divisible by the {world} ranks")

@@ -372,3 +372,17 @@ def test_a_rank_whose_prompts_have_no_image_still_runs_the_vision_tower(tmp_path
         raise AssertionError("the ranks hung") from None
     assert p.returncode == 0, log[-3000:]
     assert len((c.out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_memory_plan_counts_the_models_real_parameters():
+    """The plan builds the model on the meta device: its parameter count is the loaded model's (tiny), and
+    the 7B shape's is Qwen2.5-VL-7B's 8.29B; the KV cache is 57,344 B per token for the 7B (28 layers x K, V
+    x 4 key heads x 128 x 2 B)."""
+    tiny = grpo.memory_plan(grpo.resolve(grpo.Config()), world=2)
+    n = sum(p.numel() for p in M.load("tiny")[0].parameters())
+    assert tiny[0][0] == "parameters, fp32 shards" and tiny[0][2] * 1e9 == pytest.approx(4 * n / 2)
+    big = {name: (gb, how) for name, _, gb, how in grpo.memory_plan(
+        grpo.resolve(grpo.Config(model="Qwen/Qwen2.5-VL-7B-Instruct")), world=8)}
+    assert big["parameters, fp32 shards"][1].startswith("8.29B")
+    assert "x 57,344 B" in big["KV cache"][1]
+    assert big["policy gathered in bf16"][0] == pytest.approx(2 * 8.292166656, rel=1e-6)
