@@ -326,20 +326,40 @@ def all_sum(values, device):
     return t.tolist()
 
 
-def wrap(model, cfg, device, train):
-    """Checkpointing and FSDP for a model; a frozen reference gets FSDP without gradients."""
-    if train and cfg.checkpointing:
-        M.apply_checkpointing(model)
+def build_models(cfg, questions, device, rank, log):
+    """The policy (trained) and the reference (frozen, None when beta = 0), placed for this run's ranks.
+
+    A checkpoint under torchrun loads lean (model.load_sharded): built on the meta device, sharded, and
+    each rank reads only its own rows from the files; the reference straight into the compute dtype
+    (bf16 on GPUs), loaded again rather than copied. A preset starts from random weights and the format
+    warm-up, on every rank alike, and is then checkpointed and sharded like the rest."""
+    low = torch.bfloat16 if device.type == "cuda" else torch.float32       # the dtype blocks compute in
+    fsdp = dict(param_dtype=low, reduce_dtype=torch.float32)
+    mesh = None
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        low = torch.bfloat16 if device.type == "cuda" else torch.float32
-        M.apply_fsdp(model, mesh, param_dtype=low, reduce_dtype=torch.float32)
+    if mesh is not None and cfg.model not in M.PRESETS:
+        policy, processor = M.load_sharded(cfg.model, mesh, torch.float32, cfg.checkpointing, **fsdp)
+        ref = M.load_sharded(cfg.model, mesh, low, **fsdp)[0] if cfg.beta > 0 else None
+        processor = M.with_pixels(processor, cfg.min_pixels, cfg.max_pixels)
     else:
-        model.to(device)
-    if not train:
-        model.requires_grad_(False)
-    return model.train(train)
+        torch.manual_seed(cfg.seed)
+        policy, processor = M.load(cfg.model, torch.float32, "cpu", seed=cfg.seed, min_pixels=cfg.min_pixels,
+                                   max_pixels=cfg.max_pixels)
+        if cfg.format_warmup and cfg.model in M.PRESETS:
+            format_warmup(policy, processor, questions, cfg, device, log)
+            if rank == 0 and cfg.export:            # the starting point eval.py compares against
+                M.save_hf(policy.state_dict(), policy.config, processor, cfg.out / "start")
+        ref = copy.deepcopy(policy) if cfg.beta > 0 else None
+        if cfg.checkpointing:
+            M.apply_checkpointing(policy)
+        for m in (policy, ref):
+            if m is not None:
+                M.apply_fsdp(m, mesh, **fsdp) if mesh is not None else m.to(device)
+    if ref is not None:
+        ref.requires_grad_(False).eval()
+    return policy.train(), ref, processor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -815,16 +835,7 @@ def train(cfg, rank, world, device, weights, log):
     from tqdm import tqdm
     out = cfg.out
     questions = load_questions(cfg, rank)
-    torch.manual_seed(cfg.seed)
-    policy, processor = M.load(cfg.model, torch.float32, "cpu", seed=cfg.seed, min_pixels=cfg.min_pixels,
-                               max_pixels=cfg.max_pixels)
-    if cfg.format_warmup and cfg.model in M.PRESETS:
-        format_warmup(policy, processor, questions, cfg, device, log)
-        if rank == 0 and cfg.export:            # the starting point eval.py compares against
-            M.save_hf(policy.state_dict(), policy.config, processor, out / "start")
-    ref = copy.deepcopy(policy) if cfg.beta > 0 else None
-    policy = wrap(policy, cfg, device, train=True)
-    ref = wrap(ref, cfg, device, train=False) if ref is not None else None
+    policy, ref, processor = build_models(cfg, questions, device, rank, log)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     state = {"step": -1, "bad_streak": 0, "skipped": 0}
     if cfg.resume:
