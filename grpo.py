@@ -772,7 +772,9 @@ def memory_plan(cfg, world):
         ("parameters, fp32 shards", "always", 4 * n / world / GB, f"{n / 1e9:.2f}B x 4 B / {world}"),
         ("gradients, fp32 shards", "always", 4 * n / world / GB, "as the parameters"),
         ("AdamW moments, fp32 shards", "always", 8 * n / world / GB, "2 x the parameters"),
-        *([("reference model, fp32 shards", "always", 4 * n / world / GB, "as the parameters (beta > 0)")]
+        *([("reference model, bf16 shards", "always", 2 * n / world / GB, f"{n / 1e9:.2f}B x 2 B / {world} (beta > 0)")
+           if cfg.model not in M.PRESETS else                      # a checkpoint loads it lean, in bf16
+           ("reference model, fp32 shards", "always", 4 * n / world / GB, "as the parameters (beta > 0)")]
           if cfg.beta > 0 else []),
         ("policy gathered in bf16", "rollout", 2 * n / GB, f"{n / 1e9:.2f}B x 2 B, once per rollout"),
         ("KV cache", "rollout", (rows + cfg.gen_prompts) * (P + T) * kv / GB,
