@@ -262,10 +262,8 @@ def setup_distributed():
 
 
 def load_questions(cfg, rank):
-    """The training questions: a data.py folder, or the tabletop simulator's, written to OUT/data. The
-    folder's manifest records the settings that built it; other settings rebuild it, never reuse it."""
-    if cfg.dataset != "tabletop":
-        return data.load_samples(cfg.dataset)
+    """The tabletop simulator's questions, written to OUT/data (a --dataset folder is read by prepare_run).
+    The folder's manifest records the settings that built it; other settings rebuild it, never reuse it."""
     folder = cfg.out / "data"
     built_from = {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes, "kinds": list(cfg.kinds)}
     if rank == 0:
@@ -620,8 +618,10 @@ def read_jsonl(path, log=print):
     a warning; the run rewrites it."""
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1) if path.exists() else ():
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line)) if line.strip() else None
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             log(f"warning: {path}:{n}: dropping a line cut short ({line[:60]!r}...)")
     return rows
@@ -712,8 +712,9 @@ class RunLock:
 def prepare_run(cfg, rank):
     """Everything checked before anything is touched: the settings (resolve), the dataset folder, the
     model source, the run folder. Then rank 0 locks the folder and, for a fresh run, clears its records.
-    -> the lock (rank 0; None on other ranks)."""
-    if cfg.dataset != "tabletop" and not data.load_samples(cfg.dataset):     # a bad record: its file, line, field
+    -> (the lock: rank 0's, None on other ranks; the questions of a --dataset folder, None for tabletop)."""
+    questions = data.load_samples(cfg.dataset) if cfg.dataset != "tabletop" else None   # names a bad record
+    if questions == []:
         raise data.UserError(f"--dataset {cfg.dataset}: holds no questions")
     M.check_source(cfg.model)
     locks = []
@@ -735,7 +736,7 @@ def prepare_run(cfg, rank):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     barrier()
-    return locks[0] if locks else None
+    return (locks[0] if locks else None), questions
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -823,9 +824,9 @@ def main(cfg: Config):
         raise data.UserError(f"--update_prompts {cfg.update_prompts} must be divisible by the {world} ranks")
     weights = reward.parse_weights(cfg.rewards)
     log = tqdm.write if rank == 0 else (lambda *a: None)
-    lock = prepare_run(cfg, rank)
+    lock, questions = prepare_run(cfg, rank)
     try:
-        train(cfg, rank, world, device, weights, log)
+        train(cfg, questions or load_questions(cfg, rank), rank, world, device, weights, log)
     finally:
         if lock is not None:
             lock.release()
@@ -833,10 +834,9 @@ def main(cfg: Config):
             dist.destroy_process_group()
 
 
-def train(cfg, rank, world, device, weights, log):
+def train(cfg, questions, rank, world, device, weights, log):
     from tqdm import tqdm
     out = cfg.out
-    questions = load_questions(cfg, rank)
     policy, ref, processor = build_models(cfg, questions, device, rank, log)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     state = {"step": -1, "bad_streak": 0, "skipped": 0}

@@ -532,13 +532,12 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
                                                    max_pixels=PRESETS[name]["max_pixels"])
         model = Qwen2_5_VL(config)
         init_weights(model, seed)
+        processor = Processor(tokenizer, image_processor, config)
     else:
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer
         folder = check_source(name)
         config = Qwen2_5_VLConfig.from_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        image_processor = _image_processor_class().from_pretrained(folder)
+        processor = _folder_processor(folder, config)
         model = Qwen2_5_VL(config, empty_text=True)
         model.model.language_model.to_empty(device="cpu")
         model.lm_head.to_empty(device="cpu")
@@ -553,8 +552,13 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"{folder}: weights do not fit Qwen2.5-VL: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return cast_parameters(model.to(device), dtype), with_pixels(Processor(tokenizer, image_processor, config),
-                                                                  min_pixels, max_pixels)
+    return cast_parameters(model.to(device), dtype), with_pixels(processor, min_pixels, max_pixels)
+
+
+def _folder_processor(folder, config):
+    """A checkpoint folder's tokenizer and image processor, with the prompt encoding the model expects."""
+    from transformers import AutoTokenizer
+    return Processor(AutoTokenizer.from_pretrained(folder), _image_processor_class().from_pretrained(folder), config)
 
 
 def with_pixels(processor, min_pixels=None, max_pixels=None):
@@ -574,7 +578,6 @@ def load_sharded(name, mesh, dtype=torch.float32, checkpointing=False, **fsdp):
     sharded and overwritten in the same way: a transient 4 bytes x 0.68B = 2.7 GB on every rank for the 7B.
     dtype: of the stored shards (fp32 for a policy that trains, bf16 for a frozen reference)."""
     from safetensors import safe_open
-    from transformers import AutoTokenizer
     folder = check_source(name)
     config = Qwen2_5_VLConfig.from_pretrained(folder)
     model = cast_parameters(Qwen2_5_VL(config, empty_text=True), dtype)
@@ -600,8 +603,7 @@ def load_sharded(name, mesh, dtype=torch.float32, checkpointing=False, **fsdp):
             start = rank * -(-p.shape[0] // world)
             with safe_open(file, "pt") as sf:
                 local.copy_(sf.get_slice(key)[start:start + local.shape[0]])
-    return model, Processor(AutoTokenizer.from_pretrained(folder), _image_processor_class().from_pretrained(folder),
-                            config)
+    return model, _folder_processor(folder, config)
 
 
 def cast_parameters(model, dtype):
