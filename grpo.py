@@ -35,7 +35,7 @@ import data
 import model as M
 import reward
 from kernels import group_advantages
-from sample import generate
+from sample import WINDOW, Engine, generate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,6 +120,14 @@ class Config:
     """write OUT/final in Hugging Face format at the end"""
     log_samples: int = 6
     """completions per step written to completions.jsonl"""
+    sample_copy: bool = True
+    """under FSDP, sample from a plain copy of the policy in the compute dtype (bf16 on GPUs), refreshed
+    from the shards at every rollout: no FSDP hooks, so on a GPU the decode step is a CUDA graph. Costs the
+    model in bf16 per GPU (--plan); False samples through FSDP's gathered parameters, eagerly"""
+    keep_graphs: bool = False
+    """keep the sampler's KV cache, and with it the CUDA graphs, from one rollout to the next (captured
+    once for the whole run); the cache then stays in memory during the update too (--plan). False frees
+    them after each rollout: graphs are captured again once per rollout, reused over its batches"""
     max_bad_steps: int = 3
     """abort after this many optimizer steps in a row with a NaN/Inf loss or gradient"""
     plan: int = 0
@@ -138,7 +146,7 @@ TINY = dict(kinds=("probe",), episodes=12, group_size=8, rollout_prompts=16, upd
 # Settings a resumed run may change: they decide how long the run goes and what it records, never the
 # numbers of the optimisation. Every other setting must equal the run's (resume is exact, or refuses).
 RESUMABLE_CHANGES = ("steps", "epochs", "save_every", "log_samples", "export", "max_bad_steps", "resume", "overwrite",
-                     "out", "plan")
+                     "out", "plan", "sample_copy", "keep_graphs")
 
 
 def resolve(cfg: Config) -> Config:
@@ -324,6 +332,11 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def compute_dtype(device):
+    """The dtype blocks compute in: bf16 on GPUs (FSDP keeps fp32 master shards), fp32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def build_models(cfg, questions, device, rank, log):
     """The policy (trained) and the reference (frozen, None when beta = 0), placed for this run's ranks.
 
@@ -331,7 +344,7 @@ def build_models(cfg, questions, device, rank, log):
     each rank reads only its own rows from the files; the reference straight into the compute dtype
     (bf16 on GPUs), loaded again rather than copied. A preset starts from random weights and the format
     warm-up, on every rank alike, and is then checkpointed and sharded like the rest."""
-    low = torch.bfloat16 if device.type == "cuda" else torch.float32       # the dtype blocks compute in
+    low = compute_dtype(device)
     fsdp = dict(param_dtype=low, reduce_dtype=torch.float32)
     mesh = None
     if dist.is_initialized():
@@ -411,21 +424,33 @@ class Group:
     old_logp: torch.Tensor = None     # (G, T) when the rollout feeds several optimizer steps
 
 
-def rollout(policy, processor, questions, seeds, cfg, weights, device):
+def sampler(policy, cfg, device):
+    """The Engine rollouts sample through: on the policy itself, or under FSDP (with --sample_copy) on a
+    plain copy of it (M.plain_copy), which rollout() refreshes from the shards before sampling."""
+    sharded = dist.is_initialized() and cfg.sample_copy
+    return Engine(M.plain_copy(policy, compute_dtype(device)) if sharded else policy)
+
+
+def rollout(policy, engine, processor, questions, seeds, cfg, weights, device):
     """Phases 1-3 for this rank's questions: sample, score, and group-normalise the rewards."""
     groups = []
     policy.eval()
+    if engine.model is not policy:
+        M.copy_weights(engine.model, policy)            # the copy samples with the policy's latest weights
     for i in range(0, len(questions), cfg.gen_prompts):
         chunk = questions[i:i + cfg.gen_prompts]
         batch = processor.encode(chunk, cfg.max_prompt_len).to(device)
-        out = generate(policy, batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                       processor.eos_ids, torch.tensor(seeds[i:i + cfg.gen_prompts]), processor.pad_id)
+        out = generate(engine.model, batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                       processor.eos_ids, torch.tensor(seeds[i:i + cfg.gen_prompts]), processor.pad_id,
+                       engine=engine)
         texts = processor.decode(out.tokens, out.mask)
         G = cfg.group_size
         for b, q in enumerate(chunk):
             t = texts[b * G:(b + 1) * G]
             groups.append(Group(q, out.tokens[b * G:(b + 1) * G], out.mask[b * G:(b + 1) * G], t,
                                 [reward.score(x, q, weights) for x in t]))
+    if not cfg.keep_graphs:
+        engine.release()
     rewards = torch.tensor([s["total"] for g in groups for s in g.scores], device=device)
     adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages)
     adv = -adv if cfg.flip_advantages else adv
@@ -768,6 +793,7 @@ def memory_plan(cfg, world):
     G, P, T = cfg.group_size, cfg.max_prompt_len, cfg.max_new_tokens
     rows, B = cfg.gen_prompts * G, cfg.micro_prompts
     R, tokens = B * G, B * P + B * G * T                          # a micro-batch: prompts once, G answers each
+    slots = -(-(P + T) // WINDOW) * WINDOW                        # the sampler's cache: whole windows
     GB = 1e9
     return [
         ("parameters, fp32 shards", "always", 4 * n / world / GB, f"{n / 1e9:.2f}B x 4 B / {world}"),
@@ -777,9 +803,11 @@ def memory_plan(cfg, world):
            if cfg.model not in M.PRESETS else                      # a checkpoint loads it lean, in bf16
            ("reference model, fp32 shards", "always", 4 * n / world / GB, "as the parameters (beta > 0)")]
           if cfg.beta > 0 else []),
-        ("policy gathered in bf16", "rollout", 2 * n / GB, f"{n / 1e9:.2f}B x 2 B, once per rollout"),
-        ("KV cache", "rollout", (rows + cfg.gen_prompts) * (P + T) * kv / GB,
-         f"({cfg.gen_prompts} prompts x {G} + the prefill's {cfg.gen_prompts}) rows x {P + T} slots x {kv:,} B"),
+        ("policy copy for sampling, bf16 (--sample_copy)", "always", 2 * n / GB, f"{n / 1e9:.2f}B x 2 B")
+        if cfg.sample_copy else ("policy gathered in bf16", "rollout", 2 * n / GB, f"{n / 1e9:.2f}B x 2 B, per rollout"),
+        ("decode KV cache" + (" (--keep_graphs)" if cfg.keep_graphs else ""), "always" if cfg.keep_graphs else "rollout",
+         rows * slots * kv / GB, f"{cfg.gen_prompts} prompts x {G} rows x {slots} slots x {kv:,} B"),
+        ("prefill KV cache", "rollout", cfg.gen_prompts * P * kv / GB, f"{cfg.gen_prompts} prompts x {P} slots x {kv:,} B"),
         ("embeddings and lm_head gathered in bf16", "update", 2 * 2 * V * H / GB, f"2 x {V:,} x {H} x 2 B"),
         ("block inputs kept by checkpointing", "update", tokens * H * 2 * L / GB,
          f"{tokens:,} tokens ({B} prompts + {R} answers) x {H} x 2 B x {L} layers"),
@@ -838,6 +866,7 @@ def train(cfg, questions, rank, world, device, weights, log):
     from tqdm import tqdm
     out = cfg.out
     policy, ref, processor = build_models(cfg, questions, device, rank, log)
+    engine = sampler(policy, cfg, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     state = {"step": -1, "bad_streak": 0, "skipped": 0}
     if cfg.resume:
@@ -854,7 +883,7 @@ def train(cfg, questions, rank, world, device, weights, log):
     for step in bar:
         t0 = time.time()
         idx, seeds = step_questions(len(questions), step, cfg, rank, world)
-        groups = rollout(policy, processor, [questions[i] for i in idx], seeds, cfg, weights, device)
+        groups = rollout(policy, engine, processor, [questions[i] for i in idx], seeds, cfg, weights, device)
         t1 = time.time()
         upd = update(policy, ref, opt, groups, processor, cfg, device, world, state)
         upd = dict(zip(upd, (v / world for v in all_sum(list(upd.values()), device))))

@@ -275,18 +275,20 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
-        self.attend_len = max_len
+        self.max_len = self.attend_len = max_len
 
     def layer(self, i):
         return self.k[i], self.v[i]
 
-    def repeat_interleave(self, n):
-        """Each row's cache copied to n consecutive rows (one prompt's prefill shared by its n samples)."""
-        new = object.__new__(KVCache)
-        new.k = [k.repeat_interleave(n, 0) for k in self.k]
-        new.v = [v.repeat_interleave(n, 0) for v in self.v]
-        new.valid, new.attend_len = self.valid.repeat_interleave(n, 0), self.attend_len
-        return new
+    def load_prefix(self, src, n):
+        """Row b of `src` (a prefill cache, B rows x S slots) into rows b*n .. b*n+n-1, slots [0, S); the
+        later slots emptied (zeros, never attended: a stale Inf there would still poison 0 x Inf = NaN)."""
+        B, S = src.valid.shape
+        for dst, part in zip(self.k + self.v, src.k + src.v):           # (B*n, kv, L, d) <- (B, kv, S, d)
+            dst.view(B, n, *dst.shape[1:])[:, :, :, :S].copy_(part[:, None])
+            dst[:, :, S:].zero_()
+        self.valid.zero_()
+        self.valid.view(B, n, -1)[:, :, :S].copy_(src.valid[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -604,6 +606,28 @@ def load_sharded(name, mesh, dtype=torch.float32, checkpointing=False, **fsdp):
             with safe_open(file, "pt") as sf:
                 local.copy_(sf.get_slice(key)[start:start + local.shape[0]])
     return model, _folder_processor(folder, config)
+
+
+def plain_copy(model, dtype):
+    """An inference copy of a model, FSDP-sharded or not: plain modules (no hooks, so its decode step
+    can be a CUDA graph), parameters in `dtype` on the model's device. Fill it with copy_weights."""
+    with torch.device("meta"):
+        twin = cast_parameters(Qwen2_5_VL(model.config), dtype)
+    twin.to_empty(device=next(model.parameters()).device)
+    copy_weights(twin, model)
+    return twin.eval().requires_grad_(False)
+
+
+def copy_weights(dst, src):
+    """dst's parameters and buffers := src's, one tensor at a time. A sharded parameter is cast to
+    dst's dtype on its shard and then all-gathered (bf16 on the wire: half the bytes of fp32)."""
+    params, buffers = dict(src.named_parameters()), dict(src.named_buffers())
+    with torch.no_grad():
+        for name, p in dst.named_parameters():
+            s = params[name]
+            p.copy_(s.to(p.dtype).full_tensor() if hasattr(s, "full_tensor") else s)
+        for name, b in dst.named_buffers():
+            b.copy_(buffers[name])
 
 
 def cast_parameters(model, dtype):

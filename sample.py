@@ -84,14 +84,16 @@ WINDOW = 256   # attention reads the cache up to the next multiple of this, not 
 
 
 def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, eos_ids=(),
-             generator=None, pad_id=0, check_every=16, cuda_graph=None) -> Rollout:
+             generator=None, pad_id=0, check_every=16, cuda_graph=None, engine=None) -> Rollout:
     """G = num_samples completions of each prompt in `batch` (a model.Batch), as R = B * G rows
     ordered prompt by prompt (row b * G + j is sample j of prompt b).
 
     generator: where randomness comes from: a torch.Generator (prompt seeds are drawn from it), an int
     tensor of B prompt seeds (expanded by row_seeds), or of R row seeds (used as given; with G = 1 the
     two coincide). temperature 0 decodes greedily.
-    cuda_graph: capture the decode step (default: on CUDA outside torch.distributed).
+    cuda_graph: capture the decode step (default: on CUDA, for a model without FSDP hooks: a graph may
+    not hold the collectives that gather FSDP's shards).
+    engine: an Engine kept between calls (its caches and graphs are reused); default: a fresh one.
     """
     dev = batch.input_ids.device
     B, P = batch.input_ids.shape
@@ -103,18 +105,20 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
         seeds = seeds if len(seeds) == R else row_seeds(seeds, G)
     else:
         seeds = row_seeds(torch.randint(0, 2 ** 31 - 1, (B,), generator=generator).to(dev), G)
-    if cuda_graph is None:
-        cuda_graph = dev.type == "cuda" and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    engine = engine or Engine(model, cuda_graph)
+    if engine.model is not model:
+        raise ValueError("generate: the engine was made for another model")
     eos = torch.tensor(list(eos_ids) or [-1], device=dev)
     with gathered(model), torch.no_grad():
-        # prefill: each prompt once, then its cache to its G rows
-        cache = KVCache(model, B, P + max_new_tokens)
-        cache.attend_len = P
+        # prefill: each prompt once, into a P-slot cache; then its keys/values to its G rows of the decode cache
+        prefill = KVCache(model, B, P)
         feats = model.image_features(batch.pixel_values, batch.image_grid_thw) if batch.pixel_values is not None else None
-        logits = model.next_token_logits(batch.input_ids, batch.positions, batch.attention_mask, feats, cache=cache,
+        logits = model.next_token_logits(batch.input_ids, batch.positions, batch.attention_mask, feats, cache=prefill,
                                          slot=torch.tensor(0, device=dev))
-        cache, logits = cache.repeat_interleave(G), logits.repeat_interleave(G, 0)
-        step = _GraphedStep(model, cache, R, dev) if cuda_graph else _EagerStep(model, cache, R, dev)
+        cache, step = engine.get(R, P + max_new_tokens, dev)
+        cache.load_prefix(prefill, G)
+        del prefill
+        logits = logits.repeat_interleave(G, 0)
         pos0 = batch.next_position.repeat_interleave(G)
         tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         logps = torch.zeros(R, max_new_tokens, device=dev)
@@ -129,10 +133,37 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
             done = done | ended
             if s + 1 == max_new_tokens or ((s + 1) % check_every == 0 and bool(done.all())):
                 break
-            cache.attend_len = min(P + max_new_tokens, (P + s + 1 + WINDOW - 1) // WINDOW * WINDOW)
+            # attention reads whole windows of the cache: few distinct lengths, so few graphs
+            cache.attend_len = min(cache.max_len, (P + s + 1 + WINDOW - 1) // WINDOW * WINDOW)
             logits = step(tok[:, None], (pos0 + s)[None, :, None].expand(3, R, 1), P + s)
     mask = (torch.arange(max_new_tokens, device=dev)[None] < lengths[:, None]).long()
     return Rollout(tokens, mask, lengths, logps * mask)
+
+
+class Engine:
+    """What a sampler keeps between calls: per number of rows, a static KV cache and its decode step.
+    A CUDA graph replays fixed addresses, so keeping the cache keeps the graphs: captured in the first
+    rollout, replayed in every later one. The cache only grows (to a whole number of windows), so the
+    lengths attention reads, and the graphs, are the same from one rollout to the next."""
+
+    def __init__(self, model, cuda_graph=None):
+        from torch.distributed.fsdp import FSDPModule
+        dev = next(model.parameters()).device
+        if cuda_graph is None:
+            cuda_graph = dev.type == "cuda" and not any(isinstance(m, FSDPModule) for m in model.modules())
+        self.model, self.cuda_graph, self.slots = model, cuda_graph, {}
+
+    def get(self, rows, length, dev):
+        """(cache with at least `length` slots, its decode step) for `rows` rows."""
+        if rows not in self.slots or self.slots[rows][0].max_len < length:
+            self.slots.pop(rows, None)                  # free the smaller cache (and its graphs) first
+            cache = KVCache(self.model, rows, -(-length // WINDOW) * WINDOW, device=dev)
+            self.slots[rows] = (cache, (_GraphedStep if self.cuda_graph else _EagerStep)(self.model, cache, rows, dev))
+        return self.slots[rows]
+
+    def release(self):
+        """Free the caches and their graphs (the next call allocates and captures again)."""
+        self.slots.clear()
 
 
 class _EagerStep:

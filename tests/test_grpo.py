@@ -198,6 +198,48 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, probe_folder):
     assert max(float((b[k] - c[k]).abs().max()) for k in b) < 1e-6
 
 
+SAMPLE_COPY_VS_SHARDED = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+import data, model as M
+from sample import Engine, generate
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+policy, proc = M.load("tiny")
+M.apply_fsdp(policy, init_device_mesh("cpu", (2,)), param_dtype=torch.float32)
+twin = M.plain_copy(policy, torch.float32)
+engine = Engine(twin)
+batch = proc.encode(data.probe_samples(4, seed=rank), 512)          # each rank its own prompts
+for step in range(2):
+    seeds = torch.arange(4) + 10 * step
+    a = generate(policy, batch, 3, 16, 1.0, 0.99, proc.eos_ids, seeds, proc.pad_id)
+    b = generate(twin, batch, 3, 16, 1.0, 0.99, proc.eos_ids, seeds, proc.pad_id, engine=engine)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs), (rank, step)
+    assert a.lengths.float().mean() > 3, a.lengths                   # completions, not instant EOS
+    cache = engine.slots[12][0]
+    with torch.no_grad():                                            # a stand-in for an optimizer step
+        for p in policy.parameters():
+            p.mul_(1.05)
+    M.copy_weights(twin, policy)
+assert engine.slots[12][0] is cache                                  # one cache (and graph set) for both calls
+open({out!r} + f"/ok{{rank}}", "w").close()
+"""
+
+
+def test_rollouts_through_the_sampling_copy_equal_rollouts_through_fsdp(tmp_path):
+    """Two gloo ranks: sampling from the plain copy (M.plain_copy, refreshed by M.copy_weights after each
+    change to the sharded policy, its Engine's cache kept between calls) gives the same tokens and
+    log-probs, bit for bit, as sampling through the FSDP-sharded policy itself."""
+    script = tmp_path / "copy_vs_sharded.py"
+    script.write_text(SAMPLE_COPY_VS_SHARDED.format(root=str(ROOT), out=str(tmp_path)))
+    p = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", str(script)],
+                {"OMP_NUM_THREADS": "1"})
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0 and (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists(), log[-3000:]
+
+
 def test_activation_checkpointing_changes_nothing(tmp_path, probe_folder):
     outs = []
     for ckpt in (False, True):
@@ -399,5 +441,5 @@ def test_memory_plan_counts_the_models_real_parameters():
     big = {name: (gb, how) for name, _, gb, how in grpo.memory_plan(
         grpo.resolve(grpo.Config(model="Qwen/Qwen2.5-VL-7B-Instruct")), world=8)}
     assert big["parameters, fp32 shards"][1].startswith("8.29B")
-    assert "x 57,344 B" in big["KV cache"][1]
-    assert big["policy gathered in bf16"][0] == pytest.approx(2 * 8.292166656, rel=1e-6)
+    assert "x 57,344 B" in big["decode KV cache"][1]
+    assert big["policy copy for sampling, bf16 (--sample_copy)"][0] == pytest.approx(2 * 8.292166656, rel=1e-6)
