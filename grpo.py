@@ -324,6 +324,15 @@ def on_every_rank(fn):
         raise data.UserError(error)
 
 
+def peak_memory(device):
+    """GB of GPU memory allocated at the peak since the last call (0 off a GPU); starts the next count."""
+    if device.type != "cuda":
+        return 0.0
+    gb = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return gb
+
+
 def all_sum(values, device):
     """Sum a list of floats over ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -797,7 +806,7 @@ def memory_plan(cfg, world):
     GB = 1e9
     return [
         ("parameters, fp32 shards", "always", 4 * n / world / GB, f"{n / 1e9:.2f}B x 4 B / {world}"),
-        ("gradients, fp32 shards", "always", 4 * n / world / GB, "as the parameters"),
+
         ("AdamW moments, fp32 shards", "always", 8 * n / world / GB, "2 x the parameters"),
         *([("reference model, bf16 shards", "always", 2 * n / world / GB, f"{n / 1e9:.2f}B x 2 B / {world} (beta > 0)")
            if cfg.model not in M.PRESETS else                      # a checkpoint loads it lean, in bf16
@@ -808,6 +817,9 @@ def memory_plan(cfg, world):
         ("decode KV cache" + (" (--keep_graphs)" if cfg.keep_graphs else ""), "always" if cfg.keep_graphs else "rollout",
          rows * slots * kv / GB, f"{cfg.gen_prompts} prompts x {G} rows x {slots} slots x {kv:,} B"),
         ("prefill KV cache", "rollout", cfg.gen_prompts * P * kv / GB, f"{cfg.gen_prompts} prompts x {P} slots x {kv:,} B"),
+        ("prefill activations, one block at a time", "rollout", cfg.gen_prompts * P * (3 * I + 4 * H) * 2 / GB,
+         f"{cfg.gen_prompts} prompts x {P} tokens x (3 x {I} + 4 x {H}) x 2 B"),
+        ("gradients, fp32 shards", "update", 4 * n / world / GB, "as the parameters (freed after each step)"),
         ("embeddings and lm_head gathered in bf16", "update", 2 * 2 * V * H / GB, f"2 x {V:,} x {H} x 2 B"),
         ("block inputs kept by checkpointing", "update", tokens * H * 2 * L / GB,
          f"{tokens:,} tokens ({B} prompts + {R} answers) x {H} x 2 B x {L} layers"),
@@ -882,13 +894,16 @@ def train(cfg, questions, rank, world, device, weights, log):
                initial=state["step"] + 1, total=total)
     for step in bar:
         t0 = time.time()
+        peak_memory(device)                             # starts this step's count
         idx, seeds = step_questions(len(questions), step, cfg, rank, world)
         groups = rollout(policy, engine, processor, [questions[i] for i in idx], seeds, cfg, weights, device)
-        t1 = time.time()
+        t1, gb1 = time.time(), peak_memory(device)
         upd = update(policy, ref, opt, groups, processor, cfg, device, world, state)
         upd = dict(zip(upd, (v / world for v in all_sum(list(upd.values()), device))))
         metrics = {"step": step, **rollout_stats(groups, device), **upd, "skipped_steps": state["skipped"],
                    "rollout_s": t1 - t0, "update_s": time.time() - t1}
+        if device.type == "cuda":                       # this rank's peak per phase, beside --plan's
+            metrics.update(rollout_gb=gb1, update_gb=peak_memory(device))
         state["step"] = step
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:

@@ -213,15 +213,17 @@ class _GraphedStep:
 # ----------------------------------------------------------------------------------------------------
 # Benchmark: 7B-shaped decode against Hugging Face generate
 # ----------------------------------------------------------------------------------------------------
-def qwen7b_config():
+def qwen7b_config(layers=28, vision_layers=32):
+    """Qwen2.5-VL-7B-Instruct's configuration (its widths and vocabulary); fewer blocks for a reduced model."""
     from transformers import Qwen2_5_VLConfig
+    full_attention = [i for i in (7, 15, 23, 31) if i < vision_layers] or [vision_layers - 1]
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
                          num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
                          max_position_embeddings=128000,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14,
+        vision_config=dict(depth=vision_layers, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, fullatt_block_indexes=full_attention, window_size=112, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
