@@ -143,25 +143,57 @@ def attention_mask(key_valid, query_slots):
     return (key_valid[:, None, :] & causal[None]) | (keys[None, :] == query_slots[:, None])[None]
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation) and
+    their buffers real: buffers such as the vision tower's rotary frequencies are computed at construction
+    and are not in a checkpoint. Only one layer's uninitialised parameter ever exists on the host."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 class Qwen2_5_VL(nn.Module):
     """Qwen2.5-VL with the parameter names of transformers' Qwen2_5_VLForConditionalGeneration."""
 
-    def __init__(self, config: Qwen2_5_VLConfig, empty_text=False):
-        """empty_text: build the text decoder on the meta device (no memory, no init; weights come next)."""
+    def __init__(self, config: Qwen2_5_VLConfig, empty=False):
+        """empty: parameters on the meta device (no memory, no init; `materialize` and weights come next)."""
         super().__init__()
         self.config, self.text = config, config.text_config
         config.vision_config._attn_implementation = "sdpa"
-        self.model = nn.Module()
-        self.model.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
-        with torch.device("meta") if empty_text else contextlib.nullcontext():
+        with parameters_on_meta() if empty else contextlib.nullcontext():
+            self.model = nn.Module()
+            self.model.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
             self.model.language_model = TextDecoder(self.text)
             self.lm_head = nn.Linear(self.text.hidden_size, self.text.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self._tie()
         rope = getattr(self.text, "rope_parameters", None) or getattr(self.text, "rope_scaling", None) or {}
         self.rope_theta = rope.get("rope_theta", getattr(self.text, "rope_theta", 1e6))
         self.mrope_section = rope.get("mrope_section", [16, 24, 24])
         self._rope = {}
+
+    def _tie(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def materialize(self, device):
+        """Storage on `device` for parameters built empty (uninitialised: weights come next); buffers, which
+        construction computed (the vision tower's rotary frequencies), keep their values."""
+        buffers = dict(self.named_buffers())
+        self.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in self.named_buffers():
+                b.copy_(buffers[name])
+        self._tie()                                     # to_empty makes new parameters: tie them again
+        return self
 
     def rope_tables(self, device):
         """Inverse frequencies and each frequency's section (0 t, 1 h, 2 w), made once per device (a
@@ -540,12 +572,7 @@ def load(name="tiny", dtype=torch.float32, device="cpu", seed=0, min_pixels=None
         folder = check_source(name)
         config = Qwen2_5_VLConfig.from_pretrained(folder)
         processor = _folder_processor(folder, config)
-        model = Qwen2_5_VL(config, empty_text=True)
-        model.model.language_model.to_empty(device="cpu")
-        model.lm_head.to_empty(device="cpu")
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        cast_parameters(model, dtype)
+        model = cast_parameters(Qwen2_5_VL(config, empty=True), dtype).materialize("cpu")
         files = sorted(folder.glob("*.safetensors"))
         state = {_hf_to_ours(k): v for f in files for k, v in load_file(f).items()}
         if config.tie_word_embeddings:
@@ -571,26 +598,25 @@ def with_pixels(processor, min_pixels=None, max_pixels=None):
     return processor
 
 
+READ_BYTES = 64 * 2 ** 20     # load_sharded reads a tensor's rows in blocks of about this many bytes
+
+
 def load_sharded(name, mesh, dtype=torch.float32, checkpointing=False, **fsdp):
     """Lean loading for FSDP: (model with sharded parameters, processor), no rank ever holding the
-    whole model. The text decoder (92% of the 7B) is built on the meta device, the model is sharded
-    (apply_fsdp), and each rank reads from the safetensors files only the rows of each tensor that it
-    owns (FSDP2 shards dim 0 in chunks of ceil(rows / ranks)): file pages of other ranks' rows are never
-    touched. The vision tower is built on the host first (its rotary tables are computed at init), then
-    sharded and overwritten in the same way: a transient 4 bytes x 0.68B = 2.7 GB on every rank for the 7B.
+    whole model. The model is built with its parameters on the meta device, sharded (apply_fsdp), given
+    storage for its shards only, and each rank reads from the safetensors files only the rows of each
+    tensor that it owns (FSDP2 shards dim 0 in chunks of ceil(rows / ranks)): file pages of other ranks'
+    rows are never touched. `python model.py --bench-load` measures the host memory this takes.
     dtype: of the stored shards (fp32 for a policy that trains, bf16 for a frozen reference)."""
     from safetensors import safe_open
     folder = check_source(name)
     config = Qwen2_5_VLConfig.from_pretrained(folder)
-    model = cast_parameters(Qwen2_5_VL(config, empty_text=True), dtype)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    model = cast_parameters(Qwen2_5_VL(config, empty=True), dtype)
     if checkpointing:
         apply_checkpointing(model)
     apply_fsdp(model, mesh, **fsdp)
     device = mesh.device_type if mesh.device_type != "cuda" else torch.device("cuda", torch.cuda.current_device())
-    model.model.language_model.to_empty(device=device)
-    model.lm_head.to_empty(device=device)
+    model.materialize(device)
     where = {}                                          # our parameter name -> (file, the file's name for it)
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as sf:
@@ -603,17 +629,19 @@ def load_sharded(name, mesh, dtype=torch.float32, checkpointing=False, **fsdp):
             file, key = where[pname]
             local = p.to_local()
             start = rank * -(-p.shape[0] // world)
-            with safe_open(file, "pt") as sf:
-                local.copy_(sf.get_slice(key)[start:start + local.shape[0]])
+            # in blocks of rows, the file reopened for each: the host holds at most one block twice (its
+            # mapped file pages and the tensor read from them), however large the tensor
+            rows = max(1, READ_BYTES // max(local[:1].nbytes, 1))
+            for a in range(0, local.shape[0], rows):
+                with safe_open(file, "pt") as sf:
+                    local[a:a + rows].copy_(sf.get_slice(key)[start + a:start + min(a + rows, local.shape[0])])
     return model, _folder_processor(folder, config)
 
 
 def plain_copy(model, dtype):
     """An inference copy of a model, FSDP-sharded or not: plain modules (no hooks, so its decode step
     can be a CUDA graph), parameters in `dtype` on the model's device. Fill it with copy_weights."""
-    with torch.device("meta"):
-        twin = cast_parameters(Qwen2_5_VL(model.config), dtype)
-    twin.to_empty(device=next(model.parameters()).device)
+    twin = cast_parameters(Qwen2_5_VL(model.config, empty=True), dtype).materialize(next(model.parameters()).device)
     copy_weights(twin, model)
     return twin.eval().requires_grad_(False)
 
@@ -716,3 +744,71 @@ def train_flops_per_token(model, context):
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
                         and "visual" not in n)
     return 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * context
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: the host memory of lean loading
+# ----------------------------------------------------------------------------------------------------
+def _host_gb(field):
+    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in GB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e9
+
+
+def _load_on_rank(rank, world, folder, port):
+    import os
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    base = _host_gb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:      # VmHWM := VmRSS: the peak counts from here
+        f.write("5")
+    policy, _ = load_sharded(folder, mesh, torch.float32)          # as grpo.py starts: the policy in fp32 shards,
+    ref, _ = load_sharded(folder, mesh, torch.bfloat16)            # the reference in bf16 shards
+    peak = _host_gb("VmHWM") - base
+    kept = sum(p.to_local().nbytes for m in (policy, ref) for p in m.parameters()) / 1e9
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(dict(base=base, peak=peak, kept=kept)))
+    dist.destroy_process_group()
+
+
+def bench_load(layers=1, world=2, port=29551):
+    """Host memory of grpo.py's start-up (policy and reference through load_sharded) on `world` gloo ranks,
+    from a stand-in checkpoint with Qwen2.5-VL-7B's widths and vocabulary and `layers` blocks (random bf16).
+    Per rank: the peak above the baseline, minus the shards it keeps (on a GPU those live on the device, so
+    the rest is the host's whole cost), against the target of 0.25 x the checkpoint's bytes."""
+    import tempfile
+    import torch.multiprocessing as mp
+    from sample import qwen7b_config
+    config = qwen7b_config(layers, layers)
+    _, processor = load("tiny")
+    with tempfile.TemporaryDirectory() as folder:
+        gen = torch.Generator().manual_seed(0)
+        state = {name: (torch.randn(p.shape, generator=gen) * 0.02).bfloat16()
+                 for name, p in Qwen2_5_VL(config, empty=True).named_parameters()}
+        save_hf(state, config, processor, folder)
+        ckpt = sum(t.nbytes for t in state.values()) / 1e9
+        del state
+        mp.spawn(_load_on_rank, (world, folder, port), nprocs=world)
+        ranks = [json.loads((Path(folder) / f"rank{r}.json").read_text()) for r in range(world)]
+    print(f"lean loading on {world} gloo ranks, stand-in checkpoint {ckpt:.2f} GB (7B widths, {layers} blocks, bf16)")
+    print(f"{'rank':>4s} {'baseline GB':>11s} {'peak above':>10s} {'kept shards':>11s} {'excess GB':>9s} {'x ckpt':>7s}")
+    for r, m in enumerate(ranks):
+        excess = m["peak"] - m["kept"]
+        print(f"{r:4d} {m['base']:11.2f} {m['peak']:10.2f} {m['kept']:11.2f} {excess:9.2f} {excess / ckpt:7.3f}"
+              f"  {'within' if excess <= 0.25 * ckpt else 'OVER'} the 0.25x target")
+    block = 2 * READ_BYTES / 1e9
+    print(f"7B on 8 ranks, by calculation: besides a fixed overhead like the one above, a rank holds one block of "
+          f"rows twice (mapped file pages + the tensor read from them: <= {block:.2f} GB) whatever a tensor's size: "
+          f"<= {block / 16.58:.3f} x the 16.58 GB checkpoint")
+    return ranks
+
+
+if __name__ == "__main__":
+    import sys
+    if "--bench-load" in sys.argv:
+        bench_load()
+    else:
+        print(__doc__)

@@ -240,6 +240,39 @@ def test_rollouts_through_the_sampling_copy_equal_rollouts_through_fsdp(tmp_path
     assert p.returncode == 0 and (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists(), log[-3000:]
 
 
+LEAN_LOAD_IN_BLOCKS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+import model as M
+dist.init_process_group("gloo")
+M.READ_BYTES = 1000                                     # a few rows per read: many blocks per tensor
+sharded, _ = M.load_sharded({folder!r}, init_device_mesh("cpu", (2,)), torch.float32)
+plain, _ = M.load({folder!r})
+full = dict(plain.named_parameters())
+for name, p in sharded.named_parameters():
+    assert torch.equal(p.full_tensor(), full[name]), name
+for name, b in sharded.named_buffers():                 # computed at construction, not read from the files
+    assert torch.equal(b, dict(plain.named_buffers())[name]), name
+open({out!r} + f"/ok{{dist.get_rank()}}", "w").close()
+"""
+
+
+def test_lean_loading_reads_each_ranks_rows_in_blocks_and_equals_a_plain_load(tmp_path):
+    """model.load_sharded on two gloo ranks, reading a few rows at a time, gives every parameter (gathered)
+    and buffer exactly as model.load does. `python model.py --bench-load` measures its host memory."""
+    model, processor = M.load("tiny")
+    M.init_weights(model, 3)
+    M.save_hf(model.state_dict(), model.config, processor, tmp_path / "ckpt")
+    script = tmp_path / "lean.py"
+    script.write_text(LEAN_LOAD_IN_BLOCKS.format(root=str(ROOT), folder=str(tmp_path / "ckpt"), out=str(tmp_path)))
+    p = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538", str(script)],
+                {"OMP_NUM_THREADS": "1"})
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0 and (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists(), log[-3000:]
+
+
 def test_activation_checkpointing_changes_nothing(tmp_path, probe_folder):
     outs = []
     for ckpt in (False, True):
