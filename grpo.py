@@ -826,8 +826,8 @@ def memory_plan(cfg, world):
         ("prompt keys/values repeated for the G answers", "update", R * P * kv / GB, f"{R} rows x {P} x {kv:,} B"),
         ("one block recomputed, with its gradients", "update", tokens * (4 * I + 7 * H) * 2 / GB,
          f"{tokens:,} tokens x (4 x {I} + 7 x {H}) x 2 B"),
-        ("attention mask (bool) and SDPA's bf16 copy of it", "update", 3 * R * g * T * (P + T) / GB,
-         f"{R} rows x {g} heads per key head x {T} x {P + T} x 3 B"),
+        ("attention mask, additive bf16, one per forward", "update", 2 * R * g * T * (P + T) / GB,
+         f"{R} rows x {g} heads per key head x {T} x {P + T} x 2 B"),
         ("log-prob kernel: grad of h, a slice of grad W and of the logits", "update",
          (B * G * T * H * 4 + 2 * 16384 * H * 4) / GB, f"{B * G * T:,} x {H} x 4 B + 2 x 16,384 x {H} x 4 B"),
     ]

@@ -70,9 +70,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, past=None, cache=None, slots=None):
-        """x (B, T, H); mask (B, 1, g*T, S) True = may attend, folded for the g query heads of a key head
-        (fold_mask). Keys are `past` + these tokens (training), or the whole static `cache` after
-        writing these tokens at `slots` (sampling). -> out, (k, v) new."""
+        """x (B, T, H); mask (B, 1, g*T, S) additive (0 may attend, -inf may not), folded for the g query
+        heads of a key head (fold_mask). Keys are `past` + these tokens (training), or the whole static
+        `cache` after writing these tokens at `slots` (sampling). -> out, (k, v) new."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -127,11 +127,16 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
-def fold_mask(mask, g):
-    """(B, T, S) -> (B, 1, g*T, S): the mask of the g query heads folded onto one key head, made once
-    per forward and shared by every layer (made per layer, it would be a fresh copy in each)."""
+def fold_mask(mask, g, dtype):
+    """(B, T, S) bool -> (B, 1, g*T, S) additive (0 or -inf, in the compute dtype): the mask of the g query
+    heads folded onto one key head, made once per forward and shared by every layer. Handed a bool mask,
+    scaled_dot_product_attention converts it in every layer, a fresh copy that each layer also keeps for
+    its backward (measured, 28 layers, fp32 CPU: 3.4 GB peak instead of 1.1). Rows are stored 16 elements
+    apart, the alignment CUDA's memory-efficient kernel needs (else it pads a copy per layer)."""
     B, T, S = mask.shape
-    return mask[:, None, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
+    bias = torch.zeros(B, 1, g, T, -(-S // 16) * 16, dtype=dtype, device=mask.device)
+    bias[..., :S].masked_fill_(~mask[:, None, None], float("-inf"))
+    return bias.view(B, 1, g * T, -1)[..., :S]
 
 
 def attention_mask(key_valid, query_slots):
@@ -247,7 +252,7 @@ class Qwen2_5_VL(nn.Module):
             mask = attention_mask(torch.cat([past_valid, valid], 1), slots)
         else:
             mask = attention_mask(valid, torch.arange(T, device=x.device))
-        mask = fold_mask(mask, self.text.num_attention_heads // self.text.num_key_value_heads)
+        mask = fold_mask(mask, self.text.num_attention_heads // self.text.num_key_value_heads, x.dtype)
         kvs = []
         for i, layer in enumerate(lm.layers):
             x, kv = layer(x, cos, sin, mask, past[i] if past is not None else None,
