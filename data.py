@@ -753,6 +753,23 @@ def _phrase(moves):
                                               + parts[-1])
 
 
+def _neighbours(moves):
+    """{phrase: moves} one edit away from `moves`, its own phrase left out."""
+    own = _phrase(moves)
+    return {p: m for m in _neighbour_moves(moves) if (p := _phrase(m)) != own}
+
+
+def phrase_moves(phrase):
+    """The inverse of _phrase: 'slightly move forward and move down' -> {0: (True, True), 2: (False, False)}."""
+    moves = {}
+    if phrase != "stay still":
+        for part in phrase.replace(", and ", ", ").replace(" and ", ", ").split(", "):
+            word = part.split()[-1]
+            axis = next(a for a, words in enumerate(AXIS_WORDS) if word in words)
+            moves[axis] = (word == AXIS_WORDS[axis][0], part.startswith("slightly "))
+    return moves
+
+
 def _neighbour_moves(moves):
     """'Adjacent movements' (the paper's words; their choice is left open): flip one axis, toggle 'slightly',
     add or drop one axis."""
@@ -867,7 +884,9 @@ def probe_samples(n, seed=0):
 
 
 def _distractor_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
-    """n positions uniform in the workspace, 3 decimals, >= min_dist from the answer and from each other."""
+    """The paper's rule: n positions uniform in the workspace, 3 decimals, >= min_dist from the answer and
+    from each other. Text alone can find the answer among them (README: blind baselines), so the
+    default is _matched_positions."""
     chosen = [np.round(np.asarray(answer, float), 3)]
     while len(chosen) < n + 1:
         p = np.round(rng.uniform(*workspace), 3)
@@ -876,22 +895,136 @@ def _distractor_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
     return [fmt_xyz(p) for p in chosen[1:]]
 
 
+MATCHED_GAP = 0.02     # metres between any two options drawn by _matched_positions
+
+
+def _matched_positions(rng, answer, candidates, n=3, min_dist=MATCHED_GAP):
+    """n positions drawn from `candidates`, positions made the way the answer is made (its own
+    demonstration's other moments), >= min_dist from the answer and from each other. The answer and
+    its distractors then come from one distribution: nothing in the text (nearness to the current
+    position, to the usual answer, to the other options) singles it out; the image has to."""
+    chosen = [np.round(np.asarray(answer, float), 3)]
+    for i in rng.permutation(len(candidates)):
+        p = np.round(candidates[i], 3)
+        if all(np.linalg.norm(p - q) >= min_dist for q in chosen):
+            chosen.append(p)
+            if len(chosen) == n + 1:
+                return [fmt_xyz(p) for p in chosen[1:]]
+    return None                                 # too few distinct moments: the caller falls back
+
+
+@dataclass
+class _Moments:
+    """Every frame of a task's demonstrations that has a keypoint after it: the pool that matched
+    distractors are drawn from, so that they come from the distribution the answers come from."""
+    states: np.ndarray        # (N, 3) gripper positions
+    deltas: np.ndarray        # (N, 3) displacements to the next keypoint
+    phrases: np.ndarray       # (P,) the distinct movement phrases of those displacements
+    weights: np.ndarray       # (P,) their set weights (_set_weights)
+
+    @staticmethod
+    def of(episodes, n=3):
+        states, deltas = [], []
+        for ep in episodes:
+            kps = keypoint_discovery(ep.gripper_open, ep.joint_velocities)
+            pos = np.asarray(ep.positions, float)
+            frames = [f for f in range(len(pos)) if f < kps[-1]]
+            states.append(pos[frames])
+            deltas.append(pos[[next(k for k in kps if k > f) for f in frames]] - pos[frames])
+        states, deltas = np.concatenate(states), np.concatenate(deltas)
+        phrases, counts = np.unique([movement_phrase(d) for d in deltas], return_counts=True)
+        weights = _set_weights(counts / counts.sum(), n + 1) if len(phrases) > n else None
+        return _Moments(states, deltas, phrases, weights)
+
+
+def _moment_phrases(rng, answer, moments, n=3, tries=200):
+    """n movement phrases of the task's moments, distinct from the answer and each other, drawn so that
+    the answer is any of the n + 1 options with equal chance: a set of n + 1 distinct phrases has
+    probability proportional to the product of their weights, solved for (_set_weights) so that a
+    phrase is a member of a set as often as it is an answer (its share of the frames). Drawn the plain
+    way, a frequent phrase would be the answer more often than its share of the options."""
+    if moments.weights is None or answer not in moments.phrases:
+        return None
+    for _ in range(tries):
+        drawn = [str(moments.phrases[i]) for i in rng.choice(len(moments.phrases), n, p=moments.weights)]
+        if len(set(drawn + [answer])) == n + 1:
+            return drawn
+    return None
+
+
+def _set_weights(p, k, iters=300):
+    """Weights w such that drawing k distinct items with probability proportional to the product of
+    their weights makes item i a member with probability k * p_i (p capped at 1/k, which no member
+    share can exceed). Fixed-point iteration on the members' shares, through elementary symmetric sums."""
+    cap = 0.9 / k
+    for _ in range(len(p)):                             # cap, and share the excess among the others
+        over = p > cap
+        if not over.any() or over.all():
+            break
+        p = np.where(over, cap, p * (1 - cap * over.sum()) / p[~over].sum())
+    w = p.copy()
+
+    def sums(x):                                        # e[j]: the sum of products of j distinct weights
+        e = np.zeros(k + 1)
+        e[0] = 1.0
+        for v in x:
+            e[1:] = e[1:] + v * e[:-1]
+        return e
+    for _ in range(iters):
+        share = np.array([w[i] * sums(np.delete(w, i))[k - 1] for i in range(len(w))]) / (k * sums(w)[k])
+        w = w * p / share
+        w = w / w.sum()
+    return w
+
+
+def _movement_options(rng, moves, n=3):
+    """n adjacent phrases for the answer's moves, arranged as a star: a centre phrase and neighbours of it
+    (one edit away: _neighbour_moves). The centre is the answer one time in n + 1, else one of the
+    answer's neighbours, with the answer among its neighbours: whether an option is central in the set,
+    or how far it is from the others, says nothing about whether it is the answer."""
+    answer = _phrase(moves)
+    pick = lambda pool, k: [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
+    around = _neighbours(moves)
+    if rng.random() < 1 / (n + 1):
+        return pick(list(around), n)
+    for c in rng.permutation(len(around)):
+        centre = list(around)[c]
+        pool = [p for p in _neighbours(around[centre]) if p != answer]
+        if len(pool) >= n - 1:
+            return [centre] + pick(pool, n - 1)
+    return pick(list(around), n)
+
+
+DISTRACTORS = ("matched", "uniform")
+
+
 def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, seed=0, workspace=WORKSPACE,
-                  stats=None, progress=False):
+                  stats=None, progress=False, distractors="matched"):
     """Questions from demonstrations: frames 0, every, 2*every, ... paired with their next keypoint.
+
+    distractors: how the wrong options are drawn. 'matched' (default): from the answer's own distribution,
+    so that text alone cannot find the answer: waypoints are the current position plus the displacement
+    to the next keypoint at another moment of the same demonstration, states are its positions at
+    other moments, movements a star of adjacent phrases (_movement_options). 'uniform': the paper's
+    rule (Robot-R1, Sec. 4.1): positions uniform in the workspace, movements one edit from the answer;
+    a text-only rule then finds 77% of waypoints, 66% of states and 98% of movements (chance 25%).
 
     Deterministic for a seed. The correct letter is balanced over each kind (a seeded shuffle of
     A, B, C, D repeated), and the other options are drawn per question from a generator seeded by
     (seed, episode, frame, kind), so a question does not change when other episodes are added.
     `stats`, when a dict, receives counts of what was built and skipped; `progress` shows a bar.
     """
+    if distractors not in DISTRACTORS:
+        raise ValueError(f"unknown distractors rule {distractors!r}; choose from {DISTRACTORS}")
     from tqdm import tqdm
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown question kind {k!r} for demonstrations; choose from {KINDS} "
                              "(probe questions come from probe_samples)")
     slots = []                                 # (episode index, frame, keypoint frame)
-    skipped = 0
+    skipped = fallbacks = 0
+    moments = {t: _Moments.of([ep for ep in episodes if ep.task == t]) for t in dict.fromkeys(ep.task for ep in episodes)} \
+        if distractors == "matched" else {}
     for e, ep in enumerate(episodes):
         kps = keypoint_discovery(ep.gripper_open, ep.joint_velocities)
         for t in range(0, len(ep.positions), every):
@@ -918,12 +1051,20 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
                 if kind == "movement":
                     moves = _moves(goal - cur)
                     target = _phrase(moves)
-                    pool = list(dict.fromkeys(p for p in map(_phrase, _neighbour_moves(moves)) if p != target))
-                    others = [pool[i] for i in rng.choice(len(pool), 3, replace=False)]
+                    pool = list(_neighbours(moves))
+                    others = _moment_phrases(rng, target, moments[ep.task]) if distractors == "matched" else None
+                    if others is None:
+                        fallbacks += distractors == "matched"
+                        others = [pool[i] for i in rng.choice(len(pool), 3, replace=False)]
                 else:
                     xyz = goal if kind == "waypoint" else cur
                     target = [round(float(v), 3) for v in xyz]
-                    others = _distractor_positions(rng, xyz, workspace=workspace)
+                    pool = moments.get(ep.task)
+                    others = _matched_positions(rng, xyz, cur + pool.deltas if kind == "waypoint" else pool.states) \
+                        if distractors == "matched" else None
+                    if others is None:
+                        fallbacks += distractors == "matched"
+                        others = _distractor_positions(rng, xyz, workspace=workspace)
                 right = int(letters[kind][j])
                 correct = target if kind == "movement" else fmt_xyz(target)
                 options = others[:right] + [correct] + others[right:]
@@ -931,16 +1072,18 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
             samples.append(Sample(f"{ep.id}/t{t}/{kind}", ep.task, kind, images[(e, t)],
                                   make_prompt(kind, ep.instruction, cur, options), options, answer, target, meta))
     if stats is not None:
-        stats.update(frames_used=len(slots), frames_after_last_keypoint=skipped, samples=len(samples))
+        stats.update(frames_used=len(slots), frames_after_last_keypoint=skipped, samples=len(samples),
+                     uniform_fallbacks=fallbacks)
     return samples
 
 
 
-def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False):
+def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False, distractors="matched"):
     """build_samples for the demonstration kinds, plus, when 'probe' is among the kinds, probe questions:
     as many as all the others together, or 512 on their own."""
     demo_kinds = [k for k in kinds if k != PROBE]
-    samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress) if demo_kinds else []
+    samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress,
+                            distractors=distractors) if demo_kinds else []
     if PROBE in kinds:
         samples += probe_samples(len(samples) or 512, seed)
     return samples
@@ -1046,7 +1189,7 @@ def contact_sheet(samples, episodes_by_id=None, n=6, camera=FRONT_CAMERA):
 
 def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = Path("data/tabletop"),
          kinds: tuple[str, ...] = ("waypoint", "state", "movement"), every: int = 10, seed: int = 0,
-         rlbench: Path | None = None, variation: int = 0):
+         rlbench: Path | None = None, variation: int = 0, distractors: str = "matched"):
     """Build Robot-R1 questions from simulated (default) or RLBench demonstrations and write a dataset folder.
 
     Args:
@@ -1058,6 +1201,8 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         seed: seed of the demonstrations and the questions.
         rlbench: read demonstrations from this RLBench dataset folder instead of simulating.
         variation: RLBench variation number.
+        distractors: 'matched' (wrong options from the answers' own distribution: text alone cannot find
+            the answer) or 'uniform' (the paper's rule: a text-only rule finds most answers).
     """
     from tqdm import tqdm
     t0 = time.time()
@@ -1067,7 +1212,8 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         (kinds and set(kinds) <= set(KINDS + (PROBE,)), f"--kinds {' '.join(kinds)}: choose from {' '.join(KINDS + (PROBE,))}"),
         (rlbench is not None or set(tasks) <= set(TASKS), f"--tasks: unknown {sorted(set(tasks) - set(TASKS))}; "
                                                           f"built-in tasks: {' '.join(TASKS)}"),
-        (rlbench is None or Path(rlbench).is_dir(), f"--rlbench {rlbench}: no such folder")) if not ok]
+        (rlbench is None or Path(rlbench).is_dir(), f"--rlbench {rlbench}: no such folder"),
+        (distractors in DISTRACTORS, f"--distractors {distractors}: choose from {' '.join(DISTRACTORS)}")) if not ok]
     if problems:
         raise UserError("; ".join(problems))
     check_writable(out)
@@ -1079,8 +1225,8 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     else:
         eps = []
     stats = {}
-    samples = make_questions(eps, kinds, every, seed, stats=stats, progress=True)
-    manifest = save_samples(samples, out, {"seed": seed, "every": every, "kinds": list(kinds),
+    samples = make_questions(eps, kinds, every, seed, stats=stats, progress=True, distractors=distractors)
+    manifest = save_samples(samples, out, {"seed": seed, "every": every, "kinds": list(kinds), "distractors": distractors,
                                            "source": str(rlbench) if rlbench else "tabletop simulator",
                                            "tasks": sorted({e.task for e in eps}), "episodes": len(eps), **stats})
     cams = {e.id: e.camera for e in eps}

@@ -196,6 +196,98 @@ def score_choice(questions, texts, lengths):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Blind baselines: how much of a multiple-choice score the text alone explains
+# ----------------------------------------------------------------------------------------------------
+CURRENT = re.compile(r"Position: (\[[^\]]*\])")
+
+
+def _xyz(q):
+    return np.array([json.loads(o) for o in q.options])
+
+
+def _spread(q):
+    """Each option's summed distance to the others: in metres for positions, in edits for movements."""
+    if q.kind == "movement":
+        m = [data.phrase_moves(o) for o in q.options]
+        edits = lambda a, b: sum((x in a) != (x in b) or (x in a and (a[x][0] != b[x][0]) + (a[x][1] != b[x][1]))
+                                 for x in range(3))
+        return np.array([sum(edits(a, b) for b in m) for a in m], float)
+    p = _xyz(q)
+    return np.linalg.norm(p[:, None] - p[None], axis=-1).sum(1)
+
+
+def _to_current(q):
+    return np.linalg.norm(_xyz(q) - json.loads(CURRENT.search(q.prompt).group(1)), axis=1)
+
+
+# Text-only rules: (question, what the rule learned from the answers of training questions) -> an option's
+# index. Each reads only what a model reads, minus the image. A rule far *below* chance is as telling as
+# one above it (its opposite is in the list).
+BLIND_RULES = {
+    "waypoint": {
+        "nearest the current position": lambda q, fit: _to_current(q).argmin(),
+        "farthest from the current position": lambda q, fit: _to_current(q).argmax(),
+    },
+    ("waypoint", "state"): {
+        "nearest the mean answer": lambda q, fit: np.linalg.norm(_xyz(q) - fit[q.kind], axis=1).argmin(),
+        "nearest the task's mean answer": lambda q, fit: np.linalg.norm(
+            _xyz(q) - fit.get((q.kind, q.task), fit[q.kind]), axis=1).argmin(),
+        "centre of the options": lambda q, fit: np.linalg.norm(_xyz(q) - _xyz(q).mean(0), axis=1).argmin(),
+        "highest": lambda q, fit: _xyz(q)[:, 2].argmax(),
+        "lowest": lambda q, fit: _xyz(q)[:, 2].argmin(),
+    },
+    ("waypoint", "state", "movement"): {
+        "closest to the other options": lambda q, fit: _spread(q).argmin(),
+        "farthest from the other options": lambda q, fit: _spread(q).argmax(),
+    },
+    "movement": {
+        "the most frequent answer": lambda q, fit: np.argmax([fit["phrases"].get(o, 0) for o in q.options]),
+        "fewest axes": lambda q, fit: np.argmin([len(data.phrase_moves(o)) for o in q.options]),
+        "most axes": lambda q, fit: np.argmax([len(data.phrase_moves(o)) for o in q.options]),
+    },
+}
+
+
+def blind_rules(kind):
+    return {name: rule for kinds, rules in BLIND_RULES.items() if kind in ((kinds,) if isinstance(kinds, str) else kinds)
+            for name, rule in rules.items()}
+
+
+def fit_blind(questions):
+    """What the rules may know of the answers: mean positions (overall and per task), phrase counts."""
+    fit = {"phrases": {}}
+    for kind in ("waypoint", "state"):
+        answers = [(q.task, np.asarray(q.target, float)) for q in questions if q.kind == kind]
+        if answers:
+            fit[kind] = np.mean([a for _, a in answers], 0)
+            for task in {t for t, _ in answers}:
+                fit[(kind, task)] = np.mean([a for t, a in answers if t == task], 0)
+    for q in questions:
+        if q.kind == "movement":
+            fit["phrases"][q.target] = fit["phrases"].get(q.target, 0) + 1
+    return fit
+
+
+def blind_baselines(questions, fit_on=None):
+    """Accuracy of every text-only rule per 'kind/split', fitted on `fit_on` (default: the training-task
+    questions among `questions`). -> {key: {rule: accuracy}}"""
+    fit = fit_blind(fit_on or [q for q in questions if split_of(q.task) == "In"])
+    out = {}
+    for q in questions:
+        if q.kind not in ("waypoint", "state", "movement"):
+            continue
+        for name, rule in blind_rules(q.kind).items():
+            hit = data.LETTERS[int(rule(q, fit))] == q.answer
+            out.setdefault(f"{q.kind}/{split_of(q.task)}", {}).setdefault(name, []).append(hit)
+    return {k: {name: float(np.mean(v)) for name, v in rules.items()} for k, rules in out.items()}
+
+
+def best_blind(baselines):
+    """{key: (rule, accuracy)} of the rule farthest from chance, above or below, per key."""
+    return {k: max(rules.items(), key=lambda r: abs(r[1] - 0.25)) for k, rules in baselines.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
 # 2. The bench: open questions in Robot-R1 Bench's categories, from simulator ground truth
 # ----------------------------------------------------------------------------------------------------
 BENCH_QUESTIONS = {
@@ -479,15 +571,24 @@ def fmt(v, pct=False):
     return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
 
 
-def markdown(names, sums, references=None):
-    """The paper-style tables, the models side by side (closed loop: beside the oracle and random)."""
-    references = references or {}
+def markdown(names, sums, references=None, blind=None):
+    """The paper-style tables, the models side by side (multiple choice: beside the best text-only rule;
+    closed loop: beside the oracle and random)."""
+    references, best = references or {}, best_blind(blind or {})
     head = lambda first: f"| {first} | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    md = [f"# Robot-R1 evaluation: {' vs '.join(names)}\n", "## Multiple choice: accuracy (chance 25%)\n", head("question / tasks")]
+    md = [f"# Robot-R1 evaluation: {' vs '.join(names)}\n", "## Multiple choice: accuracy (chance 25%)\n"]
+    if best:
+        md.append("Beside each model: the text-only rule farthest from chance on the same questions (no image, no "
+                  "model; eval.BLIND_RULES): what the text alone gives away.\n\n")
+    md.append(f"| question / tasks | " + " | ".join(names) + (" | best text-only rule" if best else "") + " |\n|---|"
+              + "---|" * (len(names) + bool(best)) + "\n")
     for key in sorted({k for s in sums for k in s["choice"]}):
-        md.append(f"| {key.replace('/', ' · ')} | " + " | ".join(fmt(s["choice"].get(key), True) for s in sums) + " |\n")
-    md.append(f"| format followed | " + " | ".join(fmt(s["format"], True) for s in sums) + " |\n")
-    md.append(f"| mean response length (tokens) | " + " | ".join(f"{s['length']:.0f}" if s["length"] else "—" for s in sums) + " |\n")
+        rule = f" | {fmt(best[key][1], True)} ({best[key][0]})" if key in best else (" | —" if best else "")
+        md.append(f"| {key.replace('/', ' · ')} | " + " | ".join(fmt(s["choice"].get(key), True) for s in sums) + rule + " |\n")
+    pad = " | " if best else ""
+    md.append(f"| format followed | " + " | ".join(fmt(s["format"], True) for s in sums) + pad + " |\n")
+    md.append(f"| mean response length (tokens) | " + " | ".join(f"{s['length']:.0f}" if s["length"] else "—" for s in sums)
+              + pad + " |\n")
     if any(s["open"] for s in sums):
         md += ["\n## Open-ended waypoint: error in metres, and clip(1 - L1)\n", head("tasks · measure")]
         for key in sorted({k for s in sums for k in s["open"]}):
@@ -551,7 +652,7 @@ def evaluate(model, proc, cfg, rank=0, world=1, device="cpu", judge_cfg=None, na
     result = {}
     eps = [e for t in data.TRAIN_TASKS + data.HELDOUT_TASKS for e in data.generate_episodes(t, cfg["episodes"], cfg["seed"])]
     if "choice" in cfg["sections"]:
-        qs = data.build_samples(eps, data.KINDS, every=cfg["every"], seed=cfg["seed"])
+        qs = data.build_samples(eps, data.KINDS, every=cfg["every"], seed=cfg["seed"], distractors=cfg["distractors"])
         qs = (qs + data.probe_samples(32, cfg["seed"]))[rank::world]        # the tiny preset's sanity task
         texts, lengths = answers(model, proc, qs, cfg["max_new_tokens"], cfg["batch_size"], device, f"{name}: choice", rank == 0)
         result["choice"] = score_choice(qs, texts, lengths)
@@ -585,7 +686,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
          out: Path = Path("reports/robot_r1"), episodes: int = 3, loop_episodes: int = 5, every: int = 10,
          seed: int = 1000, max_new_tokens: int | None = None, batch_size: int = 32,
          sections: tuple[str, ...] = ("choice", "bench", "loop"), judge_url: str | None = None,
-         judge_model: str = "gpt-4o"):
+         judge_model: str = "gpt-4o", distractors: str = "matched"):
     """Evaluate --model (and --compare) and write report.json, report.md and PNGs to --out.
 
     Args:
@@ -603,6 +704,9 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
         judge_url: OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) to score the bench with an
             LLM judge; key from $JUDGE_API_KEY. Optional: movement and spatial are scored by rules anyway.
         judge_model: the judge's model name.
+        distractors: how the wrong options are drawn: 'matched' (text alone cannot find the answer) or
+            'uniform' (the paper's rule); see data.build_samples. The report gives the best text-only
+            rule's accuracy beside every model's either way.
     """
     import torch.distributed as dist
     rank, world = 0, 1
@@ -628,7 +732,9 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
         (batch_size >= 1, f"--batch_size {batch_size}: must be at least 1"),
         (max_new_tokens >= 1, f"--max_new_tokens {max_new_tokens}: must be at least 1"),
         (sections and set(sections) <= set(SECTIONS), f"--sections {' '.join(sections)}: choose from {' '.join(SECTIONS)}"),
-        (ckpt is None or Path(ckpt).is_dir(), f"--ckpt {ckpt}: no such checkpoint folder")) if not ok]
+        (ckpt is None or Path(ckpt).is_dir(), f"--ckpt {ckpt}: no such checkpoint folder"),
+        (distractors in data.DISTRACTORS, f"--distractors {distractors}: choose from {' '.join(data.DISTRACTORS)}"))
+        if not ok]
     if problems:
         raise data.UserError("; ".join(problems))
     if not Path(model).exists() and model not in M.PRESETS and "/" not in model:
@@ -641,7 +747,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
     if judge_cfg:
         check_judge(judge_url, judge_model, judge_cfg["key"])
     cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=seed, max_new_tokens=max_new_tokens,
-               batch_size=batch_size, sections=sections)
+               batch_size=batch_size, sections=sections, distractors=distractors)
     names, results, eps = [], [], None
     for i, name in enumerate([model] + ([compare] if compare else [])):
         policy, proc = load_policy(name, ckpt if i == 0 else None, device)
@@ -664,15 +770,21 @@ def write_report(names, results, eps, cfg, out):
     if "loop" in cfg["sections"]:                   # the harness's own check: ~100% and ~0%
         references = {n: {t: mean(closed_loop(t, cfg["loop_episodes"], cfg["seed"], p)) for t in tasks}
                       for n, p in (("oracle", oracle_policy), ("random", random_policy(cfg["seed"])))}
-    (out / "report.json").write_text(json.dumps({"models": names, "config": cfg, "summary": sums,
+    blind = {}
+    if "choice" in cfg["sections"]:                 # the same questions, answered from the text alone
+        blind = blind_baselines(data.build_samples(eps, ("waypoint", "state", "movement"), every=cfg["every"],
+                                                   seed=cfg["seed"], distractors=cfg["distractors"]))
+    (out / "report.json").write_text(json.dumps({"models": names, "config": cfg, "summary": sums, "blind": blind,
                                                  "references": references, "rows": results}, indent=1, default=list))
-    (out / "report.md").write_text(markdown(names, sums, references))
+    (out / "report.md").write_text(markdown(names, sums, references, blind))
     kinds = sorted({k for s in sums for k in s["choice"]})
     if kinds:
+        series = {n: [s["choice"].get(k) for k in kinds] for n, s in zip(names, sums)}
+        if blind:
+            series["best text-only rule"] = [best_blind(blind).get(k, (None, None))[1] for k in kinds]
         bar_chart("multiple-choice accuracy (chance 0.25)", [k.split("/")[0] if k.startswith(data.PROBE) else
                                                              k.replace("/", " ") for k in kinds],
-                  {n: [s["choice"].get(k) for k in kinds] for n, s in zip(names, sums)}, out / "choice.png",
-                  width=1300, y_max=1.0)
+                  series, out / "choice.png", width=1300, y_max=1.0)
     cats = sorted({k for s in sums for k in s["bench"] if s["bench"][k]["rule"] is not None})
     if cats:
         bar_chart("bench: movement and spatial, rule score 0-3", [k.replace("/", " ") for k in cats],
@@ -684,10 +796,10 @@ def write_report(names, results, eps, cfg, out):
         bar_chart("closed-loop success rate", [t.split("_")[0] + ".." + t.split("_")[-1] for t in tasks], series,
                   out / "loop.png", width=1400, y_max=1.0)
     if results[0].get("choice"):
-        qs = data.build_samples(eps, ("waypoint",), every=cfg["every"], seed=cfg["seed"])
+        qs = data.build_samples(eps, ("waypoint",), every=cfg["every"], seed=cfg["seed"], distractors=cfg["distractors"])
         by_model = [{r["id"]: r for r in res.get("choice", [])} for res in results]
         examples_picture(qs, by_model, names).save(out / "examples.png")
-    print(markdown(names, sums, references))
+    print(markdown(names, sums, references, blind))
     print(f"report: {out / 'report.md'} (and report.json, *.png)")
 
 

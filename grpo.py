@@ -57,6 +57,9 @@ class Config:
     """question kinds: waypoint, state, movement, waypoint_open, and probe (data.probe_samples: an
     image-dependent sanity question a tiny model can learn on a CPU) [paper: waypoint state movement;
     tiny: probe]"""
+    distractors: str = "matched"
+    """tabletop questions' wrong options: 'matched' (from the answers' own distribution, so that only the
+    image tells the answer) or 'uniform' (the paper's rule, which text alone mostly sees through)"""
     rewards: str = "format=1,choice=1,l1=1"
     """reward components and weights (reward.py's REWARDS); R = format + answer by default"""
     out: Path = Path("runs/robot_r1")
@@ -193,6 +196,7 @@ def check(cfg: Config):
          f"--kinds {' '.join(cfg.kinds or ())}: choose from {' '.join(data.KINDS + (data.PROBE,))}"),
         (cfg.tasks and set(cfg.tasks) <= set(data.TASKS),
          f"--tasks {' '.join(cfg.tasks)}: built-in tasks are {' '.join(data.TASKS)}"),
+        (cfg.distractors in data.DISTRACTORS, f"--distractors {cfg.distractors}: choose from {' '.join(data.DISTRACTORS)}"),
         (not (cfg.min_pixels and cfg.max_pixels) or 0 < cfg.min_pixels <= cfg.max_pixels,
          f"--min_pixels {cfg.min_pixels} and --max_pixels {cfg.max_pixels}: need 0 < min <= max"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: choose one"),
@@ -273,7 +277,8 @@ def load_questions(cfg, rank):
     """The tabletop simulator's questions, written to OUT/data (a --dataset folder is read by prepare_run).
     The folder's manifest records the settings that built it; other settings rebuild it, never reuse it."""
     folder = cfg.out / "data"
-    built_from = {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes, "kinds": list(cfg.kinds)}
+    built_from = {"seed": cfg.seed, "tasks": list(cfg.tasks), "episodes": cfg.episodes, "kinds": list(cfg.kinds),
+                  "distractors": cfg.distractors}
     if rank == 0:
         manifest = folder / "manifest.json"
         current = (folder / "samples.jsonl").exists() and manifest.exists() and \
@@ -282,7 +287,7 @@ def load_questions(cfg, rank):
             shutil.rmtree(folder, ignore_errors=True)
             demos = any(k != data.PROBE for k in cfg.kinds)
             eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)] if demos else []
-            samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True)
+            samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True, distractors=cfg.distractors)
             data.save_samples(samples, folder, {"built_from": built_from})
     barrier()
     return data.load_samples(folder)
