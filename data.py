@@ -39,7 +39,6 @@ from PIL import Image, ImageDraw, ImageFont
 # ----------------------------------------------------------------------------------------------------
 # The world: RLBench's frame, the workspace, the front camera
 # ----------------------------------------------------------------------------------------------------
-TABLE_CENTRE = np.array([0.25, 0.0, 0.752])
 TABLE_Z = 0.752
 # "The valid workspace above the table": where distractor positions are drawn (left open by the paper).
 WORKSPACE = (np.array([-0.05, -0.35, 0.77]), np.array([0.55, 0.35, 1.25]))
@@ -883,7 +882,7 @@ def probe_samples(n, seed=0):
     return out
 
 
-def _distractor_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
+def uniform_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
     """The paper's rule: n positions uniform in the workspace, 3 decimals, >= min_dist from the answer and
     from each other. Text alone can find the answer among them (README: blind baselines), so the
     default is _matched_positions."""
@@ -1064,7 +1063,7 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
                         if distractors == "matched" else None
                     if others is None:
                         fallbacks += distractors == "matched"
-                        others = _distractor_positions(rng, xyz, workspace=workspace)
+                        others = uniform_positions(rng, xyz, workspace=workspace)
                 right = int(letters[kind][j])
                 correct = target if kind == "movement" else fmt_xyz(target)
                 options = others[:right] + [correct] + others[right:]
@@ -1150,7 +1149,7 @@ def load_samples(folder):
 def contact_sheet(samples, episodes_by_id=None, n=6, camera=FRONT_CAMERA):
     """A picture of n questions: the image, scaled up, with the current position (green ring) and the
     next keypoint (red cross) projected on it, and the question's options beside it, answer in bold."""
-    cell_w, img_w, text_w = 900, 448, 452
+    cell_w, img_w = 900, 448
     sheet = Image.new("RGB", (cell_w * 2, (n + 1) // 2 * (img_w + 16) + 40), "white")
     draw = ImageDraw.Draw(sheet)
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=13)

@@ -22,8 +22,8 @@ import json
 import math
 import os
 import re
+import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +182,7 @@ def score_choice(questions, texts, lengths):
                "format": reward.format_reward(text), "text": text}
         if q.options:
             row["correct"] = reward.choice_reward(text, q)
-            got = reward.answer_text(text) or ""
-            letter = next((L for L in data.LETTERS if got in (f"[[{L}]]", L)), None)
+            letter = reward.chosen_letter(text, data.LETTERS)
             if letter and q.kind == "waypoint":
                 row["predicted_xyz"] = json.loads(q.options[data.LETTERS.index(letter)])
         else:
@@ -387,7 +386,6 @@ def judge_request(url, model, prompt, key=None, timeout=30, retries=3, backoff=1
     connection, HTTP 429 or 5xx) are retried `retries` times, waiting backoff, 2 backoff, 4 backoff...;
     anything else (a refused key, a bad request) fails at once. -> JudgeUnavailable with the reason."""
     import time
-    import urllib.error
     body = json.dumps({"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     for attempt in range(retries + 1):
@@ -494,7 +492,7 @@ def closed_loop(task, n, seed, policy, rng_seed=0):
         for i in live:
             scene, instruction, plan = runs[i]
             right = int(rng.integers(4))
-            others = data._distractor_positions(rng, plan[k].xyz)
+            others = data.uniform_positions(rng, plan[k].xyz)
             options = others[:right] + [data.fmt_xyz(plan[k].xyz)] + others[right:]
             image = data.render(list(scene.bodies.values()), scene.gripper, scene.gripper_open)
             qs.append(data.Sample(f"{task}/{i}/stage{k}", task, "waypoint", image,
@@ -523,8 +521,7 @@ def model_policy(model, proc, max_new_tokens, batch_size, device):
         texts, _ = answers(model, proc, qs, max_new_tokens, batch_size, device, progress=False)
         out = []
         for q, text in zip(qs, texts):
-            got = reward.answer_text(text) or ""
-            letter = next((L for L in data.LETTERS if got in (f"[[{L}]]", L)), None)
+            letter = reward.chosen_letter(text, data.LETTERS)
             out.append(json.loads(q.options[data.LETTERS.index(letter)]) if letter else None)
         return out
     return choose
@@ -580,14 +577,14 @@ def markdown(names, sums, references=None, blind=None):
     if best:
         md.append("Beside each model: the text-only rule farthest from chance on the same questions (no image, no "
                   "model; eval.BLIND_RULES): what the text alone gives away.\n\n")
-    md.append(f"| question / tasks | " + " | ".join(names) + (" | best text-only rule" if best else "") + " |\n|---|"
+    md.append("| question / tasks | " + " | ".join(names) + (" | best text-only rule" if best else "") + " |\n|---|"
               + "---|" * (len(names) + bool(best)) + "\n")
     for key in sorted({k for s in sums for k in s["choice"]}):
         rule = f" | {fmt(best[key][1], True)} ({best[key][0]})" if key in best else (" | —" if best else "")
         md.append(f"| {key.replace('/', ' · ')} | " + " | ".join(fmt(s["choice"].get(key), True) for s in sums) + rule + " |\n")
     pad = " | " if best else ""
-    md.append(f"| format followed | " + " | ".join(fmt(s["format"], True) for s in sums) + pad + " |\n")
-    md.append(f"| mean response length (tokens) | " + " | ".join(f"{s['length']:.0f}" if s["length"] else "—" for s in sums)
+    md.append("| format followed | " + " | ".join(fmt(s["format"], True) for s in sums) + pad + " |\n")
+    md.append("| mean response length (tokens) | " + " | ".join(f"{s['length']:.0f}" if s["length"] else "—" for s in sums)
               + pad + " |\n")
     if any(s["open"] for s in sums):
         md += ["\n## Open-ended waypoint: error in metres, and clip(1 - L1)\n", head("tasks · measure")]

@@ -112,7 +112,7 @@ class Config:
     checkpointing: bool | None = None
     """activation checkpointing per block [paper on, tiny off]"""
     format_warmup: int | None = None
-    """preset models only: supervised steps on the answer format with random letters [tiny 50, real 0]"""
+    """preset models only: supervised steps on the answer format with random letters [tiny 100, real 0]"""
     save_every: int = 10
     """checkpoint every n steps (and at the end)"""
     resume: bool = False
@@ -214,7 +214,8 @@ def check(cfg: Config):
 # ----------------------------------------------------------------------------------------------------
 # The GRPO objective
 # ----------------------------------------------------------------------------------------------------
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0, beta=0.01,
+              loss_agg="token"):
     """Clipped policy-gradient loss with a k3 KL penalty, averaged over the batch. -> (loss, stats)
 
     logp, old_logp, ref_logp (None: no KL), mask: (R, T) per completion token; advantages: (R,).
@@ -227,18 +228,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
     """
     A = advantages[:, None].to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
-    pg1, pg2 = -A * ratio, -A * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    pg1, pg2 = -A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)
-    pg3 = -A * cfg.dual_clip
+    pg3 = -A * dual_clip
     dual = (A < 0) & (pg3 < pg)
     pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
     per_token, kl = pg, torch.zeros_like(pg)
-    if ref_logp is not None and cfg.beta > 0:
+    if ref_logp is not None and beta > 0:
         d = (ref_logp - logp).clamp(-20, 20)
         kl = (torch.exp(d) - d - 1).clamp(-10, 10)
-        per_token = pg + cfg.beta * kl
+        per_token = pg + beta * kl
     m = mask.to(logp.dtype)
-    if cfg.loss_agg == "token":
+    if loss_agg == "token":
         loss = (per_token * m).sum() / m.sum().clamp_min(1)
     else:
         rows = m.sum(1) > 0
@@ -521,7 +522,8 @@ def update(policy, ref, opt, groups, processor, cfg, device, world, state):
             logp, ent = policy.completion_logprobs(batch, comp, mask, cfg.temperature, return_entropy=True)
             old = torch.cat([g.old_logp[:, :comp.shape[1]] for g in part[i:i + cfg.micro_prompts]]) \
                 if n_updates > 1 else logp.detach()
-            loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg)
+            loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
+                                 cfg.beta, cfg.loss_agg)
             count = float(loss_mask.sum()) if cfg.loss_agg == "token" else float((loss_mask.sum(1) > 0).sum())
             (loss * (count / total * world)).backward()
             step_loss += st["loss"] * count / total

@@ -16,7 +16,6 @@ PyTorch path that still never builds [N, V].
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

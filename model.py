@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -741,14 +740,6 @@ def gathered(model):
         for m in mods:
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-
-
-def train_flops_per_token(model, context):
-    """Training FLOPs per token (forward + backward): 6 per weight + attention's 12 * L * H * context."""
-    c = model.text
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
-                        and "visual" not in n)
-    return 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * context
 
 
 # ----------------------------------------------------------------------------------------------------

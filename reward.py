@@ -49,12 +49,15 @@ def format_reward(text, sample=None):
     return 1.0 if t.index("</think>") < t.index("<answer>") and not between.strip() else 0.0
 
 
+def chosen_letter(text, letters="ABCD"):
+    """The option the answer names, "[[C]]" or a bare "C" -> "C"; None when it names none."""
+    got = answer_text(text)
+    return next((L for L in letters if got in (f"[[{L}]]", L)), None)
+
+
 def choice_reward(text, sample):
     """1 when the answer names the correct option, "[[C]]" or "C"; 0 otherwise and for open questions."""
-    if not sample.options:
-        return 0.0
-    got = answer_text(text)
-    return 1.0 if got in (f"[[{sample.answer}]]", sample.answer) else 0.0
+    return 1.0 if sample.options and chosen_letter(text) == sample.answer else 0.0
 
 
 def parse_xyz(text):

@@ -239,6 +239,14 @@ def _on_gpu_bf16(build):
         torch.set_default_dtype(old)
 
 
+def _copy_bandwidth(dev):
+    """Bytes per second a 1 GiB device-to-device copy moves (read + write)."""
+    import triton
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3)
+
+
 def bench(new_tokens=256, text_tokens=60):
     """ms per decode step at batch 1, 64 and 16 prompts x G=4, beside HF generate, vs the bandwidth floor.
 
@@ -251,7 +259,6 @@ def bench(new_tokens=256, text_tokens=60):
         return []
     import inspect
     import numpy as np
-    import triton
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
     from model import Batch, Qwen2_5_VL, _image_processor_class, mrope_positions
@@ -277,10 +284,7 @@ def bench(new_tokens=256, text_tokens=60):
                      pos[:, None].expand(3, b, -1).contiguous(), torch.full((b,), nxt),
                      pix["pixel_values"].repeat(b, 1), pix["image_grid_thw"].repeat(b, 1)).to(dev)
 
-    x = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    bw = 2 * x.numel() / (triton.testing.do_bench(lambda: y.copy_(x), return_mode="median") / 1e3)
-    del x, y
+    bw = _copy_bandwidth(dev)
     c = config.text_config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
                        if "visual" not in n and "embed_tokens" not in n)

@@ -30,15 +30,11 @@ def torch_kernels(monkeypatch):
 
 
 # --- the loss -----------------------------------------------------------------------------------------
-def cfg(**kw):
-    return grpo.Config(**kw)
-
-
 def test_on_policy_loss_is_minus_advantage_times_logprob():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], requires_grad=True)
     A = torch.tensor([1.0, -2.0])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    loss, st = grpo.grpo_loss(logp, logp.detach(), None, A, mask, cfg())
+    loss, st = grpo.grpo_loss(logp, logp.detach(), None, A, mask)
     assert loss.item() == pytest.approx((-1 * 3 + 2 * 2) / 5)          # -A * ratio(=1), token mean
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.2, -0.2, -0.2], [0.4, 0.4, 0.0]]))
@@ -49,7 +45,7 @@ def test_clipping_low_high_and_dual():
     old = torch.zeros(3, 1)
     logp = torch.tensor([[math.log(1.5)], [math.log(0.5)], [math.log(5.0)]], requires_grad=True)
     A = torch.tensor([1.0, -1.0, -1.0])
-    loss, st = grpo.grpo_loss(logp, old, None, A, torch.ones(3, 1), cfg())
+    loss, st = grpo.grpo_loss(logp, old, None, A, torch.ones(3, 1), clip_low=0.2, clip_high=0.3, dual_clip=3.0)
     # row 0: A>0, ratio 1.5 -> clipped at 1.3: -1.3;  row 1: A<0, ratio 0.5 -> clipped at 0.8: +0.8
     # row 2: A<0, ratio 5 -> unclipped 5, dual-clipped to 3
     assert loss.item() == pytest.approx((-1.3 + 0.8 + 3.0) / 3)
@@ -64,25 +60,24 @@ def test_k3_kl_and_sequence_mean():
     logp = torch.zeros(2, 2)
     ref = torch.full((2, 2), math.log(0.5))
     mask = torch.tensor([[1, 1], [1, 0]])
-    c = cfg(beta=0.1)
-    loss, st = grpo.grpo_loss(logp, logp, ref, torch.zeros(2), mask, c)
+    loss, st = grpo.grpo_loss(logp, logp, ref, torch.zeros(2), mask, beta=0.1)
     k3 = 0.5 - math.log(0.5) - 1                                          # e^d - d - 1 with d = ln 0.5
     assert st["kl"] == pytest.approx(k3) and loss.item() == pytest.approx(0.1 * k3)
     A = torch.tensor([1.0, 1.0])
     lp = torch.tensor([[-1.0, -3.0], [-2.0, -5.0]], requires_grad=True)
-    seq, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, cfg(loss_agg="sequence"))
-    tok, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, cfg(loss_agg="token"))
+    seq, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, loss_agg="sequence")
+    tok, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, loss_agg="token")
     assert seq.item() == pytest.approx(-1.0) and tok.item() == pytest.approx(-1.0)
     seq.backward()
     assert torch.allclose(lp.grad, torch.tensor([[-0.25, -0.25], [-0.5, 0.0]]))   # each sequence weighs the same
 
 
 def test_presets_and_config_checks():
-    assert grpo.resolve(cfg()).rollout_prompts == grpo.TINY["rollout_prompts"]
-    real = grpo.resolve(cfg(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert grpo.resolve(grpo.Config()).rollout_prompts == grpo.TINY["rollout_prompts"]
+    real = grpo.resolve(grpo.Config(model="Qwen/Qwen2.5-VL-7B-Instruct"))
     assert (real.group_size, real.rollout_prompts, real.update_prompts, real.lr) == (5, 512, 128, 1e-6)
     with pytest.raises(ValueError, match="multiple of --update_prompts"):
-        grpo.resolve(cfg(rollout_prompts=10, update_prompts=4))
+        grpo.resolve(grpo.Config(rollout_prompts=10, update_prompts=4))
 
 
 # --- runs ---------------------------------------------------------------------------------------------

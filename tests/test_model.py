@@ -1,14 +1,11 @@
 """model.py against transformers' Qwen2.5-VL with the same weights, and features that must not change numbers."""
-import inspect
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-import data
 import model as M
+from conftest import hf_kwargs, questions
 
 
 def rel(a, b):
@@ -30,26 +27,6 @@ def hf(tiny):
     missing, unexpected = ref.load_state_dict(m.state_dict(), strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     return ref
-
-
-def questions(n, seed=0, sizes=((224, 224), (168, 280), (280, 140))):
-    """Real questions with images of several sizes and prompts of several lengths."""
-    eps = data.generate_episodes("pick_up_cup", 2, seed) + data.generate_episodes("push_button", 1, seed)
-    qs = data.build_samples(eps, kinds=("waypoint", "state", "movement"), seed=seed)
-    rng = np.random.default_rng(seed)
-    picked = [qs[i] for i in rng.choice(len(qs), n, replace=False)]
-    for i, s in enumerate(picked):
-        s.image = s.load_image().resize(sizes[i % len(sizes)])
-        s.prompt = s.prompt[: len(s.prompt) - 40 * i]            # different lengths: left padding
-    return picked
-
-
-def hf_kwargs(ref, batch):
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-              image_grid_thw=batch.image_grid_thw)
-    if "mm_token_type_ids" in inspect.signature(ref.forward).parameters:
-        kw["mm_token_type_ids"] = (batch.input_ids == ref.config.image_token_id).int()
-    return kw
 
 
 def test_logits_match_transformers(tiny, hf):

@@ -1,5 +1,4 @@
 """sample.py: the KV-cached sampler against recomputation, transformers' generate, and itself."""
-import inspect
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import model as M
 import sample
-from test_model import hf_kwargs, questions
+from conftest import hf_kwargs, questions
 
 
 @pytest.fixture(scope="module")
