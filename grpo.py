@@ -434,8 +434,8 @@ class Group:
     tokens: torch.Tensor        # (G, T)
     mask: torch.Tensor          # (G, T)
     texts: list
-    scores: list                # G dicts of reward components and 'total'
-    advantages: torch.Tensor = None   # (G,)
+    scores: list = None         # G dicts of reward components and 'total' (phase 2)
+    advantages: torch.Tensor = None   # (G,) (phase 3)
     old_logp: torch.Tensor = None     # (G, T) when the rollout feeds several optimizer steps
 
 
@@ -446,33 +446,63 @@ def sampler(policy, cfg, device):
     return Engine(M.plain_copy(policy, compute_dtype(device)) if sharded else policy)
 
 
-def rollout(policy, engine, processor, questions, seeds, cfg, weights, device):
-    """Phases 1-3 for this rank's questions: sample, score, and group-normalise the rewards."""
+def rollout(policy, engine, processor, questions, seeds, cfg, device):
+    """Phase 1: G completions of each of this rank's questions, `gen_prompts` prompts per batch."""
     groups = []
     policy.eval()
     if engine.model is not policy:
         M.copy_weights(engine.model, policy)            # the copy samples with the policy's latest weights
+    G = cfg.group_size
     for i in range(0, len(questions), cfg.gen_prompts):
         chunk = questions[i:i + cfg.gen_prompts]
         batch = processor.encode(chunk, cfg.max_prompt_len).to(device)
-        out = generate(engine.model, batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+        out = generate(engine.model, batch, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                        processor.eos_ids, torch.tensor(seeds[i:i + cfg.gen_prompts]), processor.pad_id,
                        engine=engine)
-        texts = processor.decode(out.tokens, out.mask)
-        G = cfg.group_size
+        texts = processor.decode(out.tokens, out.mask)                  # R = len(chunk) * G rows
         for b, q in enumerate(chunk):
-            t = texts[b * G:(b + 1) * G]
-            groups.append(Group(q, out.tokens[b * G:(b + 1) * G], out.mask[b * G:(b + 1) * G], t,
-                                [reward.score(x, q, weights) for x in t]))
+            rows = slice(b * G, (b + 1) * G)
+            groups.append(Group(q, out.tokens[rows], out.mask[rows], texts[rows]))
     if not cfg.keep_graphs:
         engine.release()
-    rewards = torch.tensor([s["total"] for g in groups for s in g.scores], device=device)
+    policy.train()
+    return groups
+
+
+def score(groups, weights):
+    """Phase 2: every completion's reward components and their weighted total (reward.py)."""
+    for g in groups:
+        g.scores = [reward.score(text, g.question, weights) for text in g.texts]
+
+
+def advantages(groups, cfg, device):
+    """Phase 3: each group's rewards, normalised within the group (kernels.group_advantages)."""
+    rewards = torch.tensor([s["total"] for g in groups for s in g.scores], device=device)     # (groups * G,)
     adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages)
     adv = -adv if cfg.flip_advantages else adv
     for g, a in zip(groups, adv.view(len(groups), -1)):
-        g.advantages = a
-    policy.train()
-    return groups
+        g.advantages = a                                                 # (G,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phase 4: the update
+# ----------------------------------------------------------------------------------------------------
+def update(policy, ref, opt, groups, processor, cfg, device, world, state):
+    """Optimizer steps over this rank's rollout, `update_prompts` (all ranks) at a time. -> mean stats"""
+    per_rank = cfg.update_prompts // world
+    n_steps = len(groups) // per_rank
+    if n_steps > 1:                                     # later steps need the rollout policy's log-probs
+        old_logprobs(policy, groups, processor, cfg, device)
+    totals, grad_norms = {}, []
+    for u in range(n_steps):
+        stats, count, grad_norm = optimizer_step(policy, ref, opt, groups[u * per_rank:(u + 1) * per_rank],
+                                                 processor, cfg, device, world, state, on_policy=n_steps == 1)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+        totals["count"] = totals.get("count", 0.0) + count
+        grad_norms.append(grad_norm)
+    count = max(totals.pop("count", 1.0), 1.0)
+    return {**{k: v / count for k, v in totals.items()}, "grad_norm": sum(grad_norms) / n_steps}
 
 
 def micro_batch(groups, processor, cfg, device):
@@ -483,77 +513,72 @@ def micro_batch(groups, processor, cfg, device):
     return batch, torch.cat([g.tokens for g in groups])[:, :T], mask[:, :T], torch.cat([g.advantages for g in groups])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Phase 4: the update
-# ----------------------------------------------------------------------------------------------------
-def update(policy, ref, opt, groups, processor, cfg, device, world, state):
-    """Optimizer steps over this rank's rollout, `update_prompts` (all ranks) at a time. -> mean stats
+def old_logprobs(policy, groups, processor, cfg, device):
+    """log p(token) (G, T) of every group's completions under the policy that sampled them, before any
+    step: the denominator of the PPO ratio when one rollout feeds several optimizer steps."""
+    G = cfg.group_size
+    with torch.no_grad():
+        for i in range(0, len(groups), cfg.micro_prompts):
+            part = groups[i:i + cfg.micro_prompts]
+            batch, comp, mask, _ = micro_batch(part, processor, cfg, device)
+            logp = policy.completion_logprobs(batch, comp, mask, cfg.temperature)           # (R, T)
+            for k, g in enumerate(part):
+                g.old_logp = logp[k * G:(k + 1) * G]
+
+
+def optimizer_step(policy, ref, opt, part, processor, cfg, device, world, state, on_policy):
+    """One optimizer step on `part` (this rank's groups of it), in micro-batches of `micro_prompts`.
+    -> (stats summed with weight count, count, gradient norm)
 
     The loss of a micro-batch is its mean, reweighted by its share of the whole update batch (tokens
     or sequences, counted over all ranks) times the world size, since FSDP averages gradients over
     ranks: the sum over micro-batches and ranks is then exactly the update batch's mean.
     """
-    G, per_rank = cfg.group_size, cfg.update_prompts // world
-    n_updates = len(groups) // per_rank
-    if n_updates > 1:                                   # the rollout policy's log-probs, before any step
-        with torch.no_grad():
-            for i in range(0, len(groups), cfg.micro_prompts):
-                part = groups[i:i + cfg.micro_prompts]
-                batch, comp, mask, _ = micro_batch(part, processor, cfg, device)
-                logp = policy.completion_logprobs(batch, comp, mask, cfg.temperature)
-                for k, g in enumerate(part):
-                    g.old_logp = logp[k * G:(k + 1) * G]
-    sums = {}
-    for u in range(n_updates):
-        step_loss = 0.0                                 # this optimizer step's loss on this rank
-        part = groups[u * per_rank:(u + 1) * per_rank]
-        # DAPO's filter: groups with no signal leave the loss (their rows still run, keeping ranks in step)
-        keep = [not (cfg.filter_groups and bool((g.advantages == 0).all())) for g in part]
-        tokens, seqs = all_sum([float(sum(int(g.mask.sum()) for g, k in zip(part, keep) if k)),
-                                float(sum(keep) * G)], device)
-        total = max(tokens if cfg.loss_agg == "token" else seqs, 1.0)
-        for i in range(0, len(part), cfg.micro_prompts):
-            batch, comp, mask, adv = micro_batch(part[i:i + cfg.micro_prompts], processor, cfg, device)
-            loss_mask = mask * torch.tensor(keep[i:i + cfg.micro_prompts], device=device).repeat_interleave(G)[:, None]
-            ref_logp = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logp = ref.completion_logprobs(batch, comp, mask, cfg.temperature)
-            logp, ent = policy.completion_logprobs(batch, comp, mask, cfg.temperature, return_entropy=True)
-            old = torch.cat([g.old_logp[:, :comp.shape[1]] for g in part[i:i + cfg.micro_prompts]]) \
-                if n_updates > 1 else logp.detach()
-            loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
-                                 cfg.beta, cfg.loss_agg)
-            count = float(loss_mask.sum()) if cfg.loss_agg == "token" else float((loss_mask.sum(1) > 0).sum())
-            (loss * (count / total * world)).backward()
-            step_loss += st["loss"] * count / total
-            st["entropy"] = float((ent * mask).sum() / mask.sum().clamp_min(1))
-            for k, v in st.items():
-                sums[k] = sums.get(k, 0.0) + v * count
-            sums["_count"] = sums.get("_count", 0.0) + count
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-        # Skip or step is decided by all ranks together (the gradient norm is already global; a loss is
-        # per rank): a rank that skipped alone would fall out of step with the others, and hang them.
-        bad_ranks, loss_all = all_sum([float(not math.isfinite(step_loss)), step_loss], device)
-        if bad_ranks or not math.isfinite(grad_norm):
-            opt.zero_grad(set_to_none=True)             # skip: parameters untouched
-            state["bad_streak"] += 1
-            state["skipped"] += 1
-            if state["bad_streak"] >= cfg.max_bad_steps:
-                raise data.UserError(
-                    f"{state['bad_streak']} optimizer steps in a row had a NaN/Inf loss or gradient (the last: loss "
-                    f"{loss_all}, gradient norm {grad_norm}, non-finite on {int(bad_ranks)} of {world} rank(s)); "
-                    f"stopping. Lower --lr, or check the data, the rewards and the model.")
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["bad_streak"] = 0
-    count = max(sums.pop("_count", 1.0), 1.0)
-    out = {k: v / count for k, v in sums.items() if k != "grad_norm"}
-    out["grad_norm"] = sums["grad_norm"] / n_updates
-    return out
+    G = cfg.group_size
+    # DAPO's filter: groups with no signal leave the loss (their rows still run, keeping ranks in step)
+    keep = [not (cfg.filter_groups and bool((g.advantages == 0).all())) for g in part]
+    tokens, seqs = all_sum([float(sum(int(g.mask.sum()) for g, k in zip(part, keep) if k)),
+                            float(sum(keep) * G)], device)
+    total = max(tokens if cfg.loss_agg == "token" else seqs, 1.0)
+    sums, counted, step_loss = {}, 0.0, 0.0               # step_loss: this step's loss on this rank
+    for i in range(0, len(part), cfg.micro_prompts):
+        groups = part[i:i + cfg.micro_prompts]
+        batch, comp, mask, adv = micro_batch(groups, processor, cfg, device)                # comp, mask (R, T)
+        loss_mask = mask * torch.tensor(keep[i:i + cfg.micro_prompts], device=device).repeat_interleave(G)[:, None]
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = ref.completion_logprobs(batch, comp, mask, cfg.temperature)
+        logp, ent = policy.completion_logprobs(batch, comp, mask, cfg.temperature, return_entropy=True)
+        old = logp.detach() if on_policy else torch.cat([g.old_logp[:, :comp.shape[1]] for g in groups])
+        loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
+                             cfg.beta, cfg.loss_agg)
+        count = float(loss_mask.sum()) if cfg.loss_agg == "token" else float((loss_mask.sum(1) > 0).sum())
+        (loss * (count / total * world)).backward()
+        step_loss += st["loss"] * count / total
+        st["entropy"] = float((ent * mask).sum() / mask.sum().clamp_min(1))
+        for k, v in st.items():
+            sums[k] = sums.get(k, 0.0) + v * count
+        counted += count
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    # Skip or step is decided by all ranks together (the gradient norm is already global; a loss is
+    # per rank): a rank that skipped alone would fall out of step with the others, and hang them.
+    bad_ranks, loss_all = all_sum([float(not math.isfinite(step_loss)), step_loss], device)
+    if bad_ranks or not math.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)                 # skip: parameters untouched
+        state["bad_streak"] += 1
+        state["skipped"] += 1
+        if state["bad_streak"] >= cfg.max_bad_steps:
+            raise data.UserError(
+                f"{state['bad_streak']} optimizer steps in a row had a NaN/Inf loss or gradient (the last: loss "
+                f"{loss_all}, gradient norm {grad_norm}, non-finite on {int(bad_ranks)} of {world} rank(s)); "
+                f"stopping. Lower --lr, or check the data, the rewards and the model.")
+        return sums, counted, grad_norm
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    state["bad_streak"] = 0
+    return sums, counted, grad_norm
 
 
 def rollout_stats(groups, device):
@@ -684,6 +709,28 @@ def plot_curves(metrics_path, png_path):
                 ("completion length (tokens)", {"length": [(r["step"], r["length"]) for r in rows]}),
                 ("KL to the start model, entropy", {k: [(r["step"], r[k]) for r in rows if k in r]
                                                     for k in ("kl", "entropy")})], png_path, x_label="step")
+
+
+def record(metrics, groups, cfg, bar, seconds):
+    """Phase 5 (rank 0): the step's metrics, some completions, the curves, the progress bar's line."""
+    with open(cfg.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    log_completions(cfg.out / "completions.jsonl", metrics["step"], groups, cfg.log_samples)
+    plot_curves(cfg.out / "metrics.jsonl", cfg.out / "curves.png")
+    acc = [v for k, v in metrics.items() if k.startswith("acc/")]
+    bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{sum(acc) / max(len(acc), 1):.2f}",
+                    len=f"{metrics['length']:.0f}", s=f"{seconds:.1f}")
+
+
+def resume(policy, opt, cfg, device, rank, log):
+    """The latest complete checkpoint's weights and optimizer state, and the records cut back to its
+    step. -> the trainer's state"""
+    state, folder = load_checkpoint(policy, opt, cfg, device, log)
+    if rank == 0:
+        keep_lines(cfg.out / "metrics.jsonl", state["step"], log)
+        keep_lines(cfg.out / "completions.jsonl", state["step"], log)
+    log(f"resumed from {folder} (step {state['step']})")
+    return state
 
 
 def log_completions(path, step, groups, n):
@@ -887,13 +934,7 @@ def train(cfg, questions, rank, world, device, weights, log):
     policy, ref, processor = build_models(cfg, questions, device, rank, log)
     engine = sampler(policy, cfg, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    state = {"step": -1, "bad_streak": 0, "skipped": 0}
-    if cfg.resume:
-        state, folder = load_checkpoint(policy, opt, cfg, device, log)
-        if rank == 0:
-            keep_lines(out / "metrics.jsonl", state["step"], log)
-            keep_lines(out / "completions.jsonl", state["step"], log)
-        log(f"resumed from {folder} (step {state['step']})")
+    state = resume(policy, opt, cfg, device, rank, log) if cfg.resume else {"step": -1, "bad_streak": 0, "skipped": 0}
     total = cfg.steps or math.ceil(cfg.epochs * len(questions) / cfg.rollout_prompts)
     log(f"{len(questions)} questions, {total} steps of {cfg.rollout_prompts} prompts x {cfg.group_size} samples "
         f"on {world} {device.type} rank(s); model {cfg.model}; run folder {out}")
@@ -903,23 +944,19 @@ def train(cfg, questions, rank, world, device, weights, log):
         t0 = time.time()
         peak_memory(device)                             # starts this step's count
         idx, seeds = step_questions(len(questions), step, cfg, rank, world)
-        groups = rollout(policy, engine, processor, [questions[i] for i in idx], seeds, cfg, weights, device)
+        groups = rollout(policy, engine, processor, [questions[i] for i in idx], seeds, cfg, device)  # 1. rollout
+        score(groups, weights)                                                                         # 2. reward
+        advantages(groups, cfg, device)                                                                # 3. advantage
         t1, gb1 = time.time(), peak_memory(device)
-        upd = update(policy, ref, opt, groups, processor, cfg, device, world, state)
-        upd = dict(zip(upd, (v / world for v in all_sum(list(upd.values()), device))))
-        metrics = {"step": step, **rollout_stats(groups, device), **upd, "skipped_steps": state["skipped"],
+        stats = update(policy, ref, opt, groups, processor, cfg, device, world, state)                 # 4. update
+        stats = dict(zip(stats, (v / world for v in all_sum(list(stats.values()), device))))
+        metrics = {"step": step, **rollout_stats(groups, device), **stats, "skipped_steps": state["skipped"],
                    "rollout_s": t1 - t0, "update_s": time.time() - t1}
         if device.type == "cuda":                       # this rank's peak per phase, beside --plan's
             metrics.update(rollout_gb=gb1, update_gb=peak_memory(device))
         state["step"] = step
         if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            log_completions(out / "completions.jsonl", step, groups, cfg.log_samples)
-            plot_curves(out / "metrics.jsonl", out / "curves.png")
-            acc = [v for k, v in metrics.items() if k.startswith("acc/")]
-            bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{sum(acc) / max(len(acc), 1):.2f}",
-                            len=f"{metrics['length']:.0f}", s=f"{time.time() - t0:.1f}")
+            record(metrics, groups, cfg, bar, time.time() - t0)                                        # 5. record
         if (step + 1) % cfg.save_every == 0 or step == total - 1:
             save_checkpoint(policy, opt, cfg, step, state, rank)
     if cfg.export:
