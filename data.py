@@ -15,6 +15,10 @@ Demonstrations come from RLBench's saved datasets (`load_rlbench`, no RLBench in
 the built-in tabletop simulator below, which renders the front camera with Pillow and scripts an expert
 for 8 tasks, so that the whole method runs with no outside data.
 
+The file reads in the method's order: keypoints and movement phrases; the questions, their prompts and
+options; dataset folders. Then where demonstrations come from: the Episode, RLBench's saved datasets,
+and the tabletop simulator with its tasks (each fills in `Task`).
+
     python data.py                                  # 5 training tasks x 50 episodes -> data/tabletop
     python data.py --tasks stack_blocks --episodes 5 --out data/heldout
     python data.py --rlbench /path/to/rlbench_data --out data/rlbench
@@ -76,625 +80,6 @@ class Camera:
 
 
 FRONT_CAMERA = Camera.look_at(eye=[1.05, 0.0, 1.40], target=[0.15, 0.0, 0.86], fov_deg=50.0)
-
-# ----------------------------------------------------------------------------------------------------
-# The tabletop simulator: bodies made of prisms, a two-finger gripper, grasp / release / push
-# ----------------------------------------------------------------------------------------------------
-COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
-           "purple": (130, 60, 170), "orange": (235, 130, 30), "cyan": (40, 190, 200), "pink": (230, 120, 170)}
-
-
-@dataclass
-class Part:
-    shape: str               # "box" | "cylinder" | "sphere"
-    offset: tuple            # bottom centre relative to the body's xyz (sphere: its centre)
-    size: tuple              # (sx, sy, sz); a cylinder's radii are sx/2, sy/2; a sphere's radius is sx/2
-    colour: tuple
-
-
-@dataclass
-class Body:
-    name: str
-    xyz: np.ndarray          # bottom centre, world frame
-    parts: list
-    graspable: bool = False
-    pushable: bool = False
-    grasp_z: float = 0.0     # height of the grasp point above xyz
-    rest_z: float | None = None  # height above xyz where things put on it rest (default: its top)
-
-    def height(self):
-        return max(p.offset[2] + p.size[2] for p in self.parts)
-
-    def half_xy(self):
-        return max(max(abs(p.offset[0]) + p.size[0] / 2, abs(p.offset[1]) + p.size[1] / 2) for p in self.parts)
-
-
-def finger_gap(gripper_open):
-    return 0.04 if gripper_open else 0.012
-
-
-def gripper_parts(gripper_open):
-    """The hand as prisms around the tool centre point (between the fingertips)."""
-    w, grey, white = finger_gap(gripper_open), (70, 70, 75), (225, 225, 230)
-    return [Part("box", (0, -w - 0.007, -0.005), (0.02, 0.014, 0.055), grey),
-            Part("box", (0, w + 0.007, -0.005), (0.02, 0.014, 0.055), grey),
-            Part("box", (0, 0, 0.05), (0.06, 0.2, 0.035), white)] + [
-            Part("cylinder", (0, 0, 0.085 + 0.1 * i), (0.07, 0.07, 0.1), (200, 200, 205)) for i in range(10)]
-
-
-class Scene:
-    """Bodies on a table and a gripper. Moves are split into 5 mm steps so that pushing works."""
-
-    def __init__(self, bodies, gripper, gripper_open=True):
-        self.bodies = {b.name: b for b in bodies}
-        self.gripper = np.array(gripper, float)
-        self.gripper_open = gripper_open
-        self.held, self.held_offset = None, None
-
-    def move_to(self, target):
-        target = np.asarray(target, float)
-        n = max(1, math.ceil(np.linalg.norm(target - self.gripper) / 0.005))
-        start = self.gripper.copy()
-        for i in range(1, n + 1):
-            prev, self.gripper = self.gripper, start + (target - start) * i / n
-            if self.held:
-                self.bodies[self.held].xyz = self.gripper + self.held_offset
-            self._push(self.gripper - prev)
-
-    def _push(self, step):
-        d = np.array([step[0], step[1]])
-        if np.linalg.norm(d) < 1e-9:
-            return
-        d /= np.linalg.norm(d)
-        for b in self.bodies.values():
-            if not b.pushable or b.name == self.held or self.gripper[2] > b.xyz[2] + b.height():
-                continue
-            rel = b.xyz[:2] - self.gripper[:2]
-            along, across = rel @ d, abs(rel @ np.array([-d[1], d[0]]))
-            need = b.half_xy() + 0.012
-            if -need < along < need and across < b.half_xy() + 0.03:
-                b.xyz[:2] += d * (need - along)
-
-    def set_gripper(self, gripper_open):
-        if gripper_open == self.gripper_open:
-            return
-        self.gripper_open = gripper_open
-        if not gripper_open:                       # closing: grasp whatever sits between the fingers
-            for b in self.bodies.values():
-                grasp = b.xyz + [0, 0, b.grasp_z]
-                if b.graspable and np.abs(grasp[:2] - self.gripper[:2]).max() < 0.03 \
-                        and abs(grasp[2] - self.gripper[2]) < 0.03:
-                    self.held, self.held_offset = b.name, b.xyz - self.gripper
-                    return
-        elif self.held:                            # opening: the held body drops onto what is below
-            b, self.held = self.bodies[self.held], None
-            b.xyz[2] = self.support_z(b)
-
-    def support_z(self, body):
-        z = TABLE_Z
-        for o in self.bodies.values():
-            if o is not body and np.abs(o.xyz[:2] - body.xyz[:2]).max() < o.half_xy():
-                z = max(z, o.xyz[2] + (o.rest_z if o.rest_z is not None else o.height()))
-        return z
-
-    def snapshot(self):
-        return np.stack([b.xyz.copy() for b in self.bodies.values()])
-
-
-# --- rendering: painter's algorithm over shaded prism faces, shadows on the table ---------------------
-LIGHT = np.array([0.35, 0.25, 1.0]) / np.linalg.norm([0.35, 0.25, 1.0])
-
-
-def _prism(part, origin, n_round=18):
-    """(faces, footprint): faces as (world polygon (k, 3), outward normal, colour); footprint (k, 2)."""
-    cx, cy, z0 = np.asarray(origin, float) + part.offset
-    sx, sy, sz = part.size
-    if part.shape == "box":
-        ring = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [sx / 2, sy / 2]
-    else:
-        a = np.linspace(0, 2 * np.pi, n_round, endpoint=False)
-        ring = np.stack([np.cos(a) * sx / 2, np.sin(a) * sy / 2], 1)
-    ring = ring + [cx, cy]
-    bottom, top = np.c_[ring, np.full(len(ring), z0)], np.c_[ring, np.full(len(ring), z0 + sz)]
-    faces = [(top, np.array([0, 0, 1.0]), part.colour)]
-    for i in range(len(ring)):
-        j = (i + 1) % len(ring)
-        n = np.array([ring[j, 1] - ring[i, 1], ring[i, 0] - ring[j, 0], 0.0])
-        faces.append((np.stack([bottom[i], bottom[j], top[j], top[i]]), n / np.linalg.norm(n), part.colour))
-    return faces, ring
-
-
-def render(bodies, gripper_xyz, gripper_open, camera=FRONT_CAMERA, supersample=2):
-    """Render the front camera: table, shadows, bodies and the gripper, shaded. -> PIL RGB image."""
-    W, H = camera.size
-    s = supersample
-    img = Image.new("RGB", (W * s, H * s))
-    draw = ImageDraw.Draw(img)
-    for y in range(0, H * s, 4):                                   # back wall: a soft vertical gradient
-        g = int(150 + 60 * y / (H * s))
-        draw.rectangle([0, y, W * s, y + 4], fill=(g, g, g + 8))
-    eye = camera.pose[:3, 3]
-
-    def poly(points):
-        uv, _ = camera.project(points)
-        return [tuple(p) for p in uv * s]
-
-    table = np.array([[-0.3, -0.6], [0.8, -0.6], [0.8, 0.6], [-0.3, 0.6]])
-    draw.polygon(poly(np.c_[table, np.full(4, TABLE_Z)]), fill=(160, 120, 80))
-    draw.polygon(poly(np.array([[0.8, -0.6, TABLE_Z], [0.8, 0.6, TABLE_Z], [0.8, 0.6, 0.0], [0.8, -0.6, 0.0]])),
-                 fill=(110, 80, 55))
-    prisms = [(p, b.xyz) for b in bodies for p in b.parts]
-    prisms += [(p, gripper_xyz) for p in gripper_parts(gripper_open)[:3]]   # the arm link casts no shadow
-    shadow = Image.new("L", img.size, 0)
-    sdraw = ImageDraw.Draw(shadow)
-    for part, origin in prisms:                                    # shadows: footprints, fading with height
-        lift = np.asarray(origin, float)[2] + part.offset[2] - TABLE_Z
-        if part.shape == "sphere":
-            lift -= part.size[0] / 2
-        _, ring = _prism(part, origin)
-        sdraw.polygon(poly(np.c_[ring, np.full(len(ring), TABLE_Z + 1e-3)]), fill=int(210 * math.exp(-lift / 0.6)))
-    img = Image.composite(Image.new("RGB", img.size, (40, 30, 25)), img, shadow.point(lambda v: v * 0.75))
-    draw = ImageDraw.Draw(img)
-    faces = []
-    for part, origin in prisms + [(p, gripper_xyz) for p in gripper_parts(gripper_open)[3:]]:
-        if part.shape == "sphere":
-            c = np.asarray(origin, float) + part.offset
-            faces.append((np.linalg.norm(c - eye), "sphere", (c, part.size[0] / 2, part.colour)))
-            continue
-        for pts, n, colour in _prism(part, origin)[0]:
-            centre = pts.mean(0)
-            if n @ (eye - centre) > 0:                             # facing the camera
-                shade = 0.45 + 0.55 * max(0.0, float(n @ LIGHT))
-                faces.append((np.linalg.norm(centre - eye), "face", (pts, tuple(int(c * shade) for c in colour))))
-    for _, kind, item in sorted(faces, key=lambda f: -f[0]):       # far to near
-        if kind == "face":
-            draw.polygon(poly(item[0]), fill=item[1])
-        else:
-            c, r, colour = item
-            (u, v), depth = camera.project(c)
-            rad = camera.K[0, 0] * r / depth * s
-            for k, shade in ((1.0, 0.6), (0.7, 0.85), (0.35, 1.0)):
-                off = (1 - k) * rad * 0.4
-                draw.ellipse([u * s - off - rad * k, v * s - off - rad * k, u * s - off + rad * k,
-                              v * s - off + rad * k], fill=tuple(int(ch * shade) for ch in colour))
-    return img.resize((W, H), Image.LANCZOS)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tasks: a random scene, a few phrasings, the expert's plan of keyframes, a success check
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class Keyframe:
-    xyz: np.ndarray
-    gripper_open: bool        # gripper state from this keyframe on
-    label: str                # the subtask it completes, e.g. "grasp the red cup"
-
-
-def _spots(rng, n, min_dist=0.14, low=(0.02, -0.28), high=(0.45, 0.28)):
-    """n table positions at least min_dist apart."""
-    out = []
-    while len(out) < n:
-        p = rng.uniform(low, high)
-        if all(np.linalg.norm(p - q) >= min_dist for q in out):
-            out.append(p)
-    return [np.array([p[0], p[1], TABLE_Z]) for p in out]
-
-
-def _colours(rng, n):
-    names = rng.choice(list(COLOURS), size=n, replace=False)
-    return [str(c) for c in names]
-
-
-def _box(name, xyz, size, colour, **kw):
-    return Body(name, np.asarray(xyz, float), [Part("box", (0, 0, 0), size, colour)], **kw)
-
-
-def _cup(name, xyz, colour):
-    return Body(name, np.asarray(xyz, float), [Part("cylinder", (0, 0, 0), (0.07, 0.07, 0.09), colour)],
-                graspable=True, grasp_z=0.05)
-
-
-def _above(p, dz):
-    return np.asarray(p, float) + [0, 0, dz]
-
-
-def _pick(body, label, lift=0.2, approach=0.12):
-    g = body.xyz + [0, 0, body.grasp_z]
-    return [Keyframe(_above(g, approach), True, f"move above the {label}"),
-            Keyframe(g, False, f"grasp the {label}"),
-            Keyframe(_above(g, lift), False, f"lift the {label}")]
-
-
-def _place(body, label, target_xyz, held_rest, where, drop=0.0):
-    """Keyframes that carry the held body above target_xyz (`where`), lower it (by drop), release it."""
-    over = _above(target_xyz, held_rest + 0.12)
-    kfs = [Keyframe(over, False, f"move the {label} over {where}")]
-    if drop:
-        kfs.append(Keyframe(_above(target_xyz, held_rest + drop), False, f"lower the {label}"))
-    kfs[-1] = Keyframe(kfs[-1].xyz, True, f"release the {label} {'onto' if drop else 'over'} {where}")
-    return kfs
-
-
-class Task:
-    """One task family. Subclasses give setup(rng) -> (bodies, words), plan(scene), success(scene), and
-    `target`: (body name, description) of the object the task is about."""
-    phrasings: tuple = ()
-    start_open = True
-    target = ("", "")
-
-    def reset(self, rng):
-        bodies, words = self.setup(rng)
-        home = np.array([0.30, 0.0, 1.12]) + rng.uniform(-0.04, 0.04, 3)
-        scene = Scene(bodies, home, self.start_open)
-        scene.words = words
-        return scene, str(rng.choice(self.phrasings)).format(**words)
-
-
-class PickUpCup(Task):
-    target = ("cup_0", "{c} cup")
-    phrasings = ("pick up the {c} cup", "grasp the {c} cup and lift it", "lift the {c} cup off the table")
-
-    def setup(self, rng):
-        cols, spots = _colours(rng, 3), _spots(rng, 3)
-        return [_cup(f"cup_{i}", s, COLOURS[c]) for i, (s, c) in enumerate(zip(spots, cols))], {"c": cols[0]}
-
-    def plan(self, scene):
-        return _pick(scene.bodies["cup_0"], f"{scene.words['c']} cup")
-
-    def success(self, scene):
-        return scene.held == "cup_0" and scene.bodies["cup_0"].xyz[2] > TABLE_Z + 0.1
-
-
-class PushButton(Task):
-    target = ("button", "{c} button")
-    phrasings = ("push the {c} button", "press the {c} button", "press down on the {c} button")
-    start_open = False
-
-    def setup(self, rng):
-        cols, spots = _colours(rng, 3), _spots(rng, 3)
-        button = Body("button", spots[0], [Part("box", (0, 0, 0), (0.1, 0.1, 0.025), (90, 90, 95)),
-                                           Part("cylinder", (0, 0, 0.025), (0.05, 0.05, 0.015), COLOURS[cols[0]])])
-        others = [_box(f"block_{i}", s, (0.05, 0.05, 0.05), COLOURS[c]) for i, (s, c) in
-                  enumerate(zip(spots[1:], cols[1:]))]
-        return [button] + others, {"c": cols[0]}
-
-    def plan(self, scene):
-        b = scene.bodies["button"]
-        return [Keyframe(_above(b.xyz, 0.16), False, "move above the button"),
-                Keyframe(_above(b.xyz, 0.035), False, "press the button")]
-
-    def success(self, scene):
-        b = scene.bodies["button"]
-        return np.abs(scene.gripper[:2] - b.xyz[:2]).max() < 0.025 and scene.gripper[2] < b.xyz[2] + 0.045
-
-
-class PutRubbishInBin(Task):
-    target = ("rubbish", "rubbish")
-    phrasings = ("put the rubbish in the bin", "drop the rubbish into the bin", "throw away the trash")
-
-    def setup(self, rng):
-        spots = _spots(rng, 4, min_dist=0.16)
-        bin_ = Body("bin", spots[0], [Part("box", (0, 0, 0), (0.16, 0.2, 0.11), (60, 65, 70)),
-                                      Part("box", (0, 0, 0.1), (0.13, 0.17, 0.011), (25, 25, 28))], rest_z=0.012)
-        rubbish = Body("rubbish", spots[1], [Part("box", (0, 0, 0), (0.045, 0.045, 0.04), (235, 235, 225))],
-                       graspable=True, grasp_z=0.025)
-        tomatoes = [Body(f"tomato_{i}", s, [Part("sphere", (0, 0, 0.03), (0.06, 0.06, 0.06), (210, 40, 30))])
-                    for i, s in enumerate(spots[2:])]
-        return [bin_, rubbish] + tomatoes, {}
-
-    def plan(self, scene):
-        return _pick(scene.bodies["rubbish"], "rubbish") + _place(scene.bodies["rubbish"], "rubbish",
-                                                                   scene.bodies["bin"].xyz, 0.11, "the bin")
-
-    def success(self, scene):
-        r, b = scene.bodies["rubbish"], scene.bodies["bin"]
-        return scene.held is None and np.abs(r.xyz[:2] - b.xyz[:2]).max() < 0.06 and r.xyz[2] < b.xyz[2] + 0.05
-
-
-class PhoneOnBase(Task):
-    target = ("phone", "phone")
-    phrasings = ("put the phone on the base", "put the phone on the charging base", "charge the phone")
-
-    def setup(self, rng):
-        spots = _spots(rng, 3, min_dist=0.18)
-        base = Body("base", spots[0], [Part("box", (0, 0, 0), (0.1, 0.17, 0.02), (150, 150, 155)),
-                                       Part("box", (0, 0, 0.02), (0.03, 0.12, 0.004), (40, 40, 45))])
-        phone = Body("phone", spots[1], [Part("box", (0, 0, 0), (0.075, 0.15, 0.016), (20, 20, 25))],
-                     graspable=True, grasp_z=0.01)
-        clutter = _box("block_0", spots[2], (0.05, 0.05, 0.05), COLOURS[_colours(rng, 1)[0]])
-        return [base, phone, clutter], {}
-
-    def plan(self, scene):
-        phone, base = scene.bodies["phone"], scene.bodies["base"]
-        return _pick(phone, "phone", lift=0.15) + _place(phone, "phone", _above(base.xyz, 0.02), 0.01, "the base", drop=0.02)
-
-    def success(self, scene):
-        p, b = scene.bodies["phone"], scene.bodies["base"]
-        return scene.held is None and np.abs(p.xyz[:2] - b.xyz[:2]).max() < 0.03 and p.xyz[2] > TABLE_Z + 0.015
-
-
-class TakeLidOffSaucepan(Task):
-    target = ("lid", "saucepan lid")
-    phrasings = ("take the lid off the saucepan", "remove the lid from the pan", "lift the lid off the saucepan")
-
-    def setup(self, rng):
-        spots = _spots(rng, 2, min_dist=0.2)
-        pan = Body("saucepan", spots[0], [Part("cylinder", (0, 0, 0), (0.17, 0.17, 0.08), (160, 165, 175)),
-                                          Part("box", (0, 0.13, 0.06), (0.03, 0.1, 0.015), (40, 40, 40))])
-        lid = Body("lid", _above(spots[0], 0.08), [Part("cylinder", (0, 0, 0), (0.175, 0.175, 0.01), (120, 125, 135)),
-                                                   Part("cylinder", (0, 0, 0.01), (0.025, 0.025, 0.03), (30, 30, 30))],
-                   graspable=True, grasp_z=0.03)
-        clutter = _cup("cup_0", spots[1], COLOURS[_colours(rng, 1)[0]])
-        return [pan, lid, clutter], {}
-
-    def plan(self, scene):
-        return _pick(scene.bodies["lid"], "lid", lift=0.2, approach=0.1)
-
-    def success(self, scene):
-        return scene.held == "lid" and scene.bodies["lid"].xyz[2] > scene.bodies["saucepan"].xyz[2] + 0.18
-
-
-class StackBlocks(Task):
-    target = ("block_0", "{a} block")
-    phrasings = ("stack the {a} block on the {b} block", "put the {a} block on top of the {b} block")
-
-    def setup(self, rng):
-        cols, spots = _colours(rng, 3), _spots(rng, 3)
-        return [_box(f"block_{i}", s, (0.05, 0.05, 0.05), COLOURS[c], graspable=True, grasp_z=0.03)
-                for i, (s, c) in enumerate(zip(spots, cols))], {"a": cols[0], "b": cols[1]}
-
-    def plan(self, scene):
-        a, b = scene.bodies["block_0"], scene.bodies["block_1"]
-        return _pick(a, f"{scene.words['a']} block", lift=0.15) + _place(
-            a, f"{scene.words['a']} block", _above(b.xyz, 0.05), 0.03, f"the {scene.words['b']} block", drop=0.005)
-
-    def success(self, scene):
-        a, b = scene.bodies["block_0"], scene.bodies["block_1"]
-        return scene.held is None and np.abs(a.xyz[:2] - b.xyz[:2]).max() < 0.025 and a.xyz[2] > b.xyz[2] + 0.04
-
-
-class ReachTarget(Task):
-    target = ("target_0", "{c} target")
-    phrasings = ("reach the {c} target", "touch the {c} ball with the gripper", "move to the {c} target")
-
-    def setup(self, rng):
-        cols, spots = _colours(rng, 3), _spots(rng, 3, min_dist=0.15)
-        return [Body(f"target_{i}", _above(s, rng.uniform(0.05, 0.35)), [Part("sphere", (0, 0, 0), (0.05,) * 3,
-                COLOURS[c])]) for i, (s, c) in enumerate(zip(spots, cols))], {"c": cols[0]}
-
-    def plan(self, scene):
-        return [Keyframe(scene.bodies["target_0"].xyz.copy(), True, f"reach the {scene.words['c']} target")]
-
-    def success(self, scene):
-        return np.linalg.norm(scene.gripper - scene.bodies["target_0"].xyz) < 0.03
-
-
-class SlideBlockToTarget(Task):
-    target = ("block", "blue block")
-    phrasings = ("slide the block to the target", "push the block onto the green square")
-    start_open = False
-
-    def setup(self, rng):
-        while True:
-            block_at, target_at = _spots(rng, 2, min_dist=0.15, low=(0.05, -0.25), high=(0.42, 0.25))
-            d = (target_at - block_at)[:2] / np.linalg.norm((target_at - block_at)[:2])
-            if WORKSPACE[0][0] < block_at[0] - 0.09 * d[0] < WORKSPACE[1][0]:
-                break
-        target = Body("target", target_at, [Part("box", (0, 0, 0), (0.09, 0.09, 0.002), COLOURS["green"])])
-        block = _box("block", block_at, (0.05, 0.05, 0.05), COLOURS["blue"], pushable=True)
-        return [target, block], {}
-
-    def plan(self, scene):
-        b, t = scene.bodies["block"].xyz, scene.bodies["target"].xyz
-        d = np.r_[(t - b)[:2] / np.linalg.norm((t - b)[:2]), 0]
-        behind = b - d * 0.09 + [0, 0, 0.025]
-        return [Keyframe(_above(behind, 0.1), False, "move behind the block"),
-                Keyframe(behind, False, "lower the gripper behind the block"),
-                Keyframe(t - d * (0.025 + 0.012) + [0, 0, 0.025], False, "push the block onto the target")]
-
-    def success(self, scene):
-        return np.abs(scene.bodies["block"].xyz[:2] - scene.bodies["target"].xyz[:2]).max() < 0.03
-
-
-TASKS: dict[str, Task] = {"pick_up_cup": PickUpCup(), "push_button": PushButton(),
-                          "put_rubbish_in_bin": PutRubbishInBin(), "phone_on_base": PhoneOnBase(),
-                          "take_lid_off_saucepan": TakeLidOffSaucepan(), "stack_blocks": StackBlocks(),
-                          "reach_target": ReachTarget(), "slide_block_to_target": SlideBlockToTarget()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Demonstrations: the scripted expert -> Episode
-# ----------------------------------------------------------------------------------------------------
-class Frames(Sequence):
-    """Per-frame images, read or rendered only when indexed (a demo has ~150 frames; we use every 10th)."""
-
-    def __init__(self, n, load: Callable[[int], Image.Image]):
-        self.n, self.load = n, load
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not -self.n <= i < self.n:
-            raise IndexError(i)
-        return self.load(i % self.n)
-
-
-@dataclass
-class Episode:
-    images: Sequence          # T PIL images (a Frames: loaded lazily)
-    positions: np.ndarray     # (T, 3) end-effector xyz, metres
-    gripper_open: np.ndarray  # (T,) 1.0 open, 0.0 closed
-    joint_velocities: np.ndarray  # (T, J)
-    instruction: str
-    task: str
-    id: str = ""
-    camera: Camera | None = None
-    meta: dict = field(default_factory=dict)   # simulator: keyframes, subtask labels, bodies per frame
-
-
-# A fixed map from Cartesian velocity (m/s) to 7 joint velocities (rad/s): the ARM heuristic only asks
-# "are all joints (nearly) still?", so any full-rank map with a realistic scale serves.
-JOINT_MAP = np.random.default_rng(7).normal(size=(7, 3)) * 2.5
-DT = 0.05                     # RLBench records at 20 Hz
-
-
-def demonstrate(task, seed, speed=0.008, name=None):
-    """Run the scripted expert once. Returns (Episode, final Scene).
-
-    Between keyframes the arm moves with a sine speed profile that never drops below 30% of its peak,
-    reaches the keyframe one frame early and stands still on the keyframe frame itself; a gripper
-    change happens on that frame. So the ARM heuristic finds exactly the planned keyframes.
-    """
-    rng = np.random.default_rng(seed)
-    scene, instruction = TASKS[task].reset(rng)
-    plan = TASKS[task].plan(scene)
-    pos, grip, vel, bodies_t = [scene.gripper.copy()], [float(scene.gripper_open)], [np.zeros(3)], [scene.snapshot()]
-    keyframes = []
-    for kf in plan:
-        start = pos[-1]
-        n = max(6, math.ceil(np.linalg.norm(kf.xyz - start) / (speed * rng.uniform(0.8, 1.2))) + 1)
-        profile = 0.3 + 0.7 * np.sin(np.pi * np.arange(1, n) / n)       # moving frames 1..n-1
-        steps = np.cumsum(profile) / profile.sum()
-        for i in range(1, n + 1):
-            p = start + (kf.xyz - start) * steps[min(i, n - 1) - 1]
-            vel.append((p - pos[-1]) / DT)
-            pos.append(p)
-            if i == n:                                                   # the keyframe frame: still
-                scene.set_gripper(kf.gripper_open)
-                keyframes.append(len(pos) - 1)
-            scene.move_to(p)
-            grip.append(float(scene.gripper_open))
-            bodies_t.append(scene.snapshot())
-    positions, bodies_t = np.array(pos), np.array(bodies_t)
-    jv = np.array(vel) @ JOINT_MAP.T + rng.normal(0, 0.005, (len(pos), 7))
-    names = list(scene.bodies)
-    proto = [Body(b.name, b.xyz, b.parts) for b in scene.bodies.values()]
-
-    def load(i):
-        for b, xyz in zip(proto, bodies_t[i]):
-            b.xyz = xyz
-        return render(proto, positions[i], grip[i] > 0.5)
-
-    ep = Episode(Frames(len(pos), load), positions, np.array(grip), jv, instruction, task, name or f"{task}/{seed}",
-                 FRONT_CAMERA, {"keyframes": keyframes, "subtasks": [k.label for k in plan], "bodies": names,
-                                "target": TASKS[task].target[0], "target_name": TASKS[task].target[1].format(**scene.words),
-                                "body_xyz": bodies_t, "success": bool(TASKS[task].success(scene))})
-    return ep, scene
-
-
-def generate_episodes(task, n, seed=0):
-    """n expert demonstrations of a built-in task, deterministic for (task, n, seed)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
-    return [demonstrate(task, [seed, list(TASKS).index(task), i], name=f"{task}/ep{i:03d}")[0] for i in range(n)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# RLBench's saved datasets, read without RLBench or PyRep
-# ----------------------------------------------------------------------------------------------------
-class _Record:
-    """Stands in for rlbench.demo.Demo and rlbench.backend.observation.Observation when unpickling."""
-
-    def __setstate__(self, state):
-        self.__dict__.update(state if isinstance(state, dict) else {})
-
-
-class _RLBenchUnpickler(pickle.Unpickler):
-    """Loads what an RLBench dataset holds and nothing else. A pickle names the functions it calls to
-    rebuild objects, so a crafted file can call any importable function (os.system...). Only RLBench's
-    demo and observation classes (mapped to _Record, RLBench itself need not be installed) and numpy's
-    array and scalar rebuilders are let through; any other name is refused before anything runs."""
-    RECORDS = {("rlbench.demo", "Demo"), ("rlbench.backend.observation", "Observation")}
-    NUMPY = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
-            {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
-             ("numpy._core.numeric", "_frombuffer")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.RECORDS:
-            return _Record
-        if (module, name) in self.NUMPY:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an RLBench dataset holds only demos, "
-                                     "observations and numpy arrays (a pickle naming anything else could run code)")
-
-
-def _unpickle(path):
-    with open(path, "rb") as f:
-        return _RLBenchUnpickler(f).load()
-
-
-def _read_png(path):
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image missing (every frame of a demo needs front_rgb/<i>.png)") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def load_rlbench(root, tasks=None, variation=0):
-    """Episodes from RLBench's layout: {task}/variation{N}/episodes/episode{M}/low_dim_obs.pkl + front_rgb/."""
-    root = Path(root)
-    tasks = tasks or sorted(p.name for p in root.iterdir() if (p / f"variation{variation}").is_dir())
-    if not tasks:
-        raise UserError(f"{root}: no task folders with a variation{variation}/ inside (RLBench's layout is "
-                        f"{{task}}/variation{variation}/episodes/episode0/low_dim_obs.pkl)")
-    episodes = []
-    for task in tasks:
-        ep_root = root / task / f"variation{variation}" / "episodes"
-        ep_dirs = sorted(ep_root.glob("episode*"), key=lambda p: int(p.name[7:] or -1))
-        if not ep_dirs:
-            raise FileNotFoundError(f"{ep_root}: no episode folders (expected episode0, episode1, ...)")
-        for d in ep_dirs:
-            episodes.append(_load_rlbench_episode(d, task))
-    return episodes
-
-
-def _load_rlbench_episode(d, task):
-    pkl = d / "low_dim_obs.pkl"
-    try:
-        demo = _unpickle(pkl)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{pkl}: missing (each episode folder needs low_dim_obs.pkl)") from None
-    except Exception as e:
-        raise ValueError(f"{pkl}: not a readable RLBench demo pickle ({type(e).__name__}: {e})") from None
-    obs = getattr(demo, "_observations", demo if isinstance(demo, list) else None)
-    if not obs:
-        raise ValueError(f"{pkl}: the demo has no frames")
-    try:
-        pose = np.array([o.gripper_pose for o in obs], float)
-        grip = np.array([o.gripper_open for o in obs], float)
-        jv = np.array([o.joint_velocities for o in obs], float)
-    except AttributeError as e:
-        raise ValueError(f"{pkl}: an observation lacks a field ({e})") from None
-    for name, arr in (("gripper_pose", pose), ("gripper_open", grip), ("joint_velocities", jv)):
-        bad = np.argwhere(~np.isfinite(arr.reshape(len(obs), -1)).all(1))
-        if len(bad):
-            raise ValueError(f"{pkl}: frame {int(bad[0, 0])}: {name} is not finite")
-    desc_file = next((p for p in (d / "variation_descriptions.pkl", d.parent.parent / "variation_descriptions.pkl")
-                      if p.exists()), None)
-    if desc_file is None:
-        raise FileNotFoundError(f"{d}: no variation_descriptions.pkl in the episode or the variation folder")
-    try:
-        descriptions = _unpickle(desc_file)
-    except Exception as e:
-        raise ValueError(f"{desc_file}: not a readable list of task descriptions ({type(e).__name__}: {e})") from None
-    if not (isinstance(descriptions, (list, tuple)) and descriptions):
-        raise ValueError(f"{desc_file}: expected a non-empty list of task descriptions")
-    misc = getattr(obs[0], "misc", None) or {}
-    camera = None
-    if "front_camera_intrinsics" in misc and "front_camera_extrinsics" in misc:
-        im0 = _read_png(d / "front_rgb" / "0.png")
-        camera = Camera(np.asarray(misc["front_camera_intrinsics"]), np.asarray(misc["front_camera_extrinsics"]),
-                        im0.size)
-    missing = [i for i in range(len(obs)) if not (d / "front_rgb" / f"{i}.png").exists()]
-    if missing:
-        raise FileNotFoundError(f"{d / 'front_rgb'}: {len(missing)} frame image(s) missing, first {missing[0]}.png")
-    return Episode(Frames(len(obs), lambda i: _read_png(d / "front_rgb" / f"{i}.png")), pose[:, :3], grip, jv,
-                   str(descriptions[0]), task, f"{task}/{d.name}", camera, {"source": str(d)})
-
 
 # ----------------------------------------------------------------------------------------------------
 # Keypoints and movement phrases
@@ -848,12 +233,15 @@ def fmt_xyz(p):
     return "[" + ", ".join(f"{v:.3f}".replace("-0.000", "0.000") for v in p) + "]"
 
 
-def make_prompt(kind, instruction, current_xyz, options=()):
+def make_prompt(kind, instruction, current_xyz, options=(), question=None):
+    """The paper's prompt: the header, the current position (all kinds but state), then the question:
+    multiple choice with `options`, or open (waypoint_open; or any other `question`, answered freely)."""
     text = HEADER.format(task=instruction)
     if kind != "state":
         text += STATE_BLOCK.format(xyz=fmt_xyz(current_xyz))
-    if kind == "waypoint_open":
-        return text + "## Question\n" + QUESTIONS["waypoint"] + "\n" + OUTPUT_FORMAT.format(example="[x, y, z]")
+    if kind == "waypoint_open" or question is not None:
+        example = "[x, y, z]" if question is None else "[your answer]"
+        return text + "## Question\n" + (question or QUESTIONS["waypoint"]) + "\n" + OUTPUT_FORMAT.format(example=example)
     lines = "\n".join(f"[[{LETTERS[i]}]] {o}" for i, o in enumerate(options))
     return (text + "## Choice Question\n" + QUESTIONS[kind] + "\nChoose the most accurate option:\n" + lines + "\n"
             + OUTPUT_FORMAT.format(example="[[A]]"))
@@ -1238,6 +626,650 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     for key, n in manifest["counts"].items():
         print(f"  {key:40s} {n}")
     print(f"  preview: {Path(out) / 'preview.png'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demonstrations: the scripted expert -> Episode
+# ----------------------------------------------------------------------------------------------------
+class Frames(Sequence):
+    """Per-frame images, read or rendered only when indexed (a demo has ~150 frames; we use every 10th)."""
+
+    def __init__(self, n, load: Callable[[int], Image.Image]):
+        self.n, self.load = n, load
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.load(i % self.n)
+
+
+@dataclass
+class SimInfo:
+    """What the simulator knows of a demonstration beyond what a robot records (eval.py's bench uses it)."""
+    keyframes: list           # the expert's keyframe frames (ARM's heuristic finds exactly these)
+    subtasks: list            # a label per keyframe: "grasp the orange cup", ...
+    bodies: list              # body names, in body_xyz's order
+    body_xyz: np.ndarray      # (T, n_bodies, 3) every body's position in every frame
+    target: str               # the body the task is about
+    target_name: str          # its words: "orange cup"
+    success: bool             # did the expert succeed
+
+
+@dataclass
+class Episode:
+    images: Sequence          # T PIL images (a Frames: loaded lazily)
+    positions: np.ndarray     # (T, 3) end-effector xyz, metres
+    gripper_open: np.ndarray  # (T,) 1.0 open, 0.0 closed
+    joint_velocities: np.ndarray  # (T, J)
+    instruction: str
+    task: str
+    id: str = ""
+    camera: Camera | None = None
+    sim: SimInfo | None = None    # simulated demonstrations only
+
+
+# A fixed map from Cartesian velocity (m/s) to 7 joint velocities (rad/s): the ARM heuristic only asks
+# "are all joints (nearly) still?", so any full-rank map with a realistic scale serves.
+JOINT_MAP = np.random.default_rng(7).normal(size=(7, 3)) * 2.5
+DT = 0.05                     # RLBench records at 20 Hz
+
+
+def demonstrate(task, seed, speed=0.008, name=None):
+    """Run the scripted expert once. Returns (Episode, final Scene).
+
+    Between keyframes the arm moves with a sine speed profile that never drops below 30% of its peak,
+    reaches the keyframe one frame early and stands still on the keyframe frame itself; a gripper
+    change happens on that frame. So the ARM heuristic finds exactly the planned keyframes.
+    """
+    rng = np.random.default_rng(seed)
+    scene, instruction = TASKS[task].reset(rng)
+    plan = TASKS[task].plan(scene)
+    pos, grip, vel, bodies_t = [scene.gripper.copy()], [float(scene.gripper_open)], [np.zeros(3)], [scene.snapshot()]
+    keyframes = []
+    for kf in plan:
+        start = pos[-1]
+        n = max(6, math.ceil(np.linalg.norm(kf.xyz - start) / (speed * rng.uniform(0.8, 1.2))) + 1)
+        profile = 0.3 + 0.7 * np.sin(np.pi * np.arange(1, n) / n)       # moving frames 1..n-1
+        steps = np.cumsum(profile) / profile.sum()
+        for i in range(1, n + 1):
+            p = start + (kf.xyz - start) * steps[min(i, n - 1) - 1]
+            vel.append((p - pos[-1]) / DT)
+            pos.append(p)
+            if i == n:                                                   # the keyframe frame: still
+                scene.set_gripper(kf.gripper_open)
+                keyframes.append(len(pos) - 1)
+            scene.move_to(p)
+            grip.append(float(scene.gripper_open))
+            bodies_t.append(scene.snapshot())
+    positions, bodies_t = np.array(pos), np.array(bodies_t)
+    jv = np.array(vel) @ JOINT_MAP.T + rng.normal(0, 0.005, (len(pos), 7))
+    names = list(scene.bodies)
+    proto = [Body(b.name, b.xyz, b.parts) for b in scene.bodies.values()]
+
+    def load(i):
+        for b, xyz in zip(proto, bodies_t[i]):
+            b.xyz = xyz
+        return render(proto, positions[i], grip[i] > 0.5)
+
+    ep = Episode(Frames(len(pos), load), positions, np.array(grip), jv, instruction, task, name or f"{task}/{seed}",
+                 FRONT_CAMERA, SimInfo(keyframes, [k.label for k in plan], names, bodies_t, TASKS[task].target[0],
+                                       TASKS[task].target[1].format(**scene.words), bool(TASKS[task].success(scene))))
+    return ep, scene
+
+
+def generate_episodes(task, n, seed=0):
+    """n expert demonstrations of a built-in task, deterministic for (task, n, seed)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
+    return [demonstrate(task, [seed, list(TASKS).index(task), i], name=f"{task}/ep{i:03d}")[0] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# RLBench's saved datasets, read without RLBench or PyRep
+# ----------------------------------------------------------------------------------------------------
+class _Record:
+    """Stands in for rlbench.demo.Demo and rlbench.backend.observation.Observation when unpickling."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+class _RLBenchUnpickler(pickle.Unpickler):
+    """Loads what an RLBench dataset holds and nothing else. A pickle names the functions it calls to
+    rebuild objects, so a crafted file can call any importable function (os.system...). Only RLBench's
+    demo and observation classes (mapped to _Record, RLBench itself need not be installed) and numpy's
+    array and scalar rebuilders are let through; any other name is refused before anything runs."""
+    RECORDS = {("rlbench.demo", "Demo"), ("rlbench.backend.observation", "Observation")}
+    NUMPY = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
+            {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+             ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.RECORDS:
+            return _Record
+        if (module, name) in self.NUMPY:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an RLBench dataset holds only demos, "
+                                     "observations and numpy arrays (a pickle naming anything else could run code)")
+
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        return _RLBenchUnpickler(f).load()
+
+
+def _read_png(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image missing (every frame of a demo needs front_rgb/<i>.png)") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def load_rlbench(root, tasks=None, variation=0):
+    """Episodes from RLBench's layout: {task}/variation{N}/episodes/episode{M}/low_dim_obs.pkl + front_rgb/."""
+    root = Path(root)
+    tasks = tasks or sorted(p.name for p in root.iterdir() if (p / f"variation{variation}").is_dir())
+    if not tasks:
+        raise UserError(f"{root}: no task folders with a variation{variation}/ inside (RLBench's layout is "
+                        f"{{task}}/variation{variation}/episodes/episode0/low_dim_obs.pkl)")
+    episodes = []
+    for task in tasks:
+        ep_root = root / task / f"variation{variation}" / "episodes"
+        ep_dirs = sorted(ep_root.glob("episode*"), key=lambda p: int(p.name[7:] or -1))
+        if not ep_dirs:
+            raise FileNotFoundError(f"{ep_root}: no episode folders (expected episode0, episode1, ...)")
+        for d in ep_dirs:
+            episodes.append(_load_rlbench_episode(d, task))
+    return episodes
+
+
+def _load_rlbench_episode(d, task):
+    pkl = d / "low_dim_obs.pkl"
+    try:
+        demo = _unpickle(pkl)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{pkl}: missing (each episode folder needs low_dim_obs.pkl)") from None
+    except Exception as e:
+        raise ValueError(f"{pkl}: not a readable RLBench demo pickle ({type(e).__name__}: {e})") from None
+    obs = getattr(demo, "_observations", demo if isinstance(demo, list) else None)
+    if not obs:
+        raise ValueError(f"{pkl}: the demo has no frames")
+    try:
+        pose = np.array([o.gripper_pose for o in obs], float)
+        grip = np.array([o.gripper_open for o in obs], float)
+        jv = np.array([o.joint_velocities for o in obs], float)
+    except AttributeError as e:
+        raise ValueError(f"{pkl}: an observation lacks a field ({e})") from None
+    for name, arr in (("gripper_pose", pose), ("gripper_open", grip), ("joint_velocities", jv)):
+        bad = np.argwhere(~np.isfinite(arr.reshape(len(obs), -1)).all(1))
+        if len(bad):
+            raise ValueError(f"{pkl}: frame {int(bad[0, 0])}: {name} is not finite")
+    desc_file = next((p for p in (d / "variation_descriptions.pkl", d.parent.parent / "variation_descriptions.pkl")
+                      if p.exists()), None)
+    if desc_file is None:
+        raise FileNotFoundError(f"{d}: no variation_descriptions.pkl in the episode or the variation folder")
+    try:
+        descriptions = _unpickle(desc_file)
+    except Exception as e:
+        raise ValueError(f"{desc_file}: not a readable list of task descriptions ({type(e).__name__}: {e})") from None
+    if not (isinstance(descriptions, (list, tuple)) and descriptions):
+        raise ValueError(f"{desc_file}: expected a non-empty list of task descriptions")
+    misc = getattr(obs[0], "misc", None) or {}
+    camera = None
+    if "front_camera_intrinsics" in misc and "front_camera_extrinsics" in misc:
+        im0 = _read_png(d / "front_rgb" / "0.png")
+        camera = Camera(np.asarray(misc["front_camera_intrinsics"]), np.asarray(misc["front_camera_extrinsics"]),
+                        im0.size)
+    missing = [i for i in range(len(obs)) if not (d / "front_rgb" / f"{i}.png").exists()]
+    if missing:
+        raise FileNotFoundError(f"{d / 'front_rgb'}: {len(missing)} frame image(s) missing, first {missing[0]}.png")
+    return Episode(Frames(len(obs), lambda i: _read_png(d / "front_rgb" / f"{i}.png")), pose[:, :3], grip, jv,
+                   str(descriptions[0]), task, f"{task}/{d.name}", camera, {"source": str(d)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tabletop simulator: bodies made of prisms, a two-finger gripper, grasp / release / push
+# ----------------------------------------------------------------------------------------------------
+COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
+           "purple": (130, 60, 170), "orange": (235, 130, 30), "cyan": (40, 190, 200), "pink": (230, 120, 170)}
+
+
+@dataclass
+class Part:
+    shape: str               # "box" | "cylinder" | "sphere"
+    offset: tuple            # bottom centre relative to the body's xyz (sphere: its centre)
+    size: tuple              # (sx, sy, sz); a cylinder's radii are sx/2, sy/2; a sphere's radius is sx/2
+    colour: tuple
+
+
+@dataclass
+class Body:
+    name: str
+    xyz: np.ndarray          # bottom centre, world frame
+    parts: list
+    graspable: bool = False
+    pushable: bool = False
+    grasp_z: float = 0.0     # height of the grasp point above xyz
+    rest_z: float | None = None  # height above xyz where things put on it rest (default: its top)
+
+    def height(self):
+        return max(p.offset[2] + p.size[2] for p in self.parts)
+
+    def half_xy(self):
+        return max(max(abs(p.offset[0]) + p.size[0] / 2, abs(p.offset[1]) + p.size[1] / 2) for p in self.parts)
+
+
+def finger_gap(gripper_open):
+    return 0.04 if gripper_open else 0.012
+
+
+def gripper_parts(gripper_open):
+    """The hand as prisms around the tool centre point (between the fingertips)."""
+    w, grey, white = finger_gap(gripper_open), (70, 70, 75), (225, 225, 230)
+    return [Part("box", (0, -w - 0.007, -0.005), (0.02, 0.014, 0.055), grey),
+            Part("box", (0, w + 0.007, -0.005), (0.02, 0.014, 0.055), grey),
+            Part("box", (0, 0, 0.05), (0.06, 0.2, 0.035), white)] + [
+            Part("cylinder", (0, 0, 0.085 + 0.1 * i), (0.07, 0.07, 0.1), (200, 200, 205)) for i in range(10)]
+
+
+class Scene:
+    """Bodies on a table and a gripper. Moves are split into 5 mm steps so that pushing works."""
+
+    def __init__(self, bodies, gripper, gripper_open=True):
+        self.bodies = {b.name: b for b in bodies}
+        self.gripper = np.array(gripper, float)
+        self.gripper_open = gripper_open
+        self.held, self.held_offset = None, None
+
+    def move_to(self, target):
+        target = np.asarray(target, float)
+        n = max(1, math.ceil(np.linalg.norm(target - self.gripper) / 0.005))
+        start = self.gripper.copy()
+        for i in range(1, n + 1):
+            prev, self.gripper = self.gripper, start + (target - start) * i / n
+            if self.held:
+                self.bodies[self.held].xyz = self.gripper + self.held_offset
+            self._push(self.gripper - prev)
+
+    def _push(self, step):
+        d = np.array([step[0], step[1]])
+        if np.linalg.norm(d) < 1e-9:
+            return
+        d /= np.linalg.norm(d)
+        for b in self.bodies.values():
+            if not b.pushable or b.name == self.held or self.gripper[2] > b.xyz[2] + b.height():
+                continue
+            rel = b.xyz[:2] - self.gripper[:2]
+            along, across = rel @ d, abs(rel @ np.array([-d[1], d[0]]))
+            need = b.half_xy() + 0.012
+            if -need < along < need and across < b.half_xy() + 0.03:
+                b.xyz[:2] += d * (need - along)
+
+    def set_gripper(self, gripper_open):
+        if gripper_open == self.gripper_open:
+            return
+        self.gripper_open = gripper_open
+        if not gripper_open:                       # closing: grasp whatever sits between the fingers
+            for b in self.bodies.values():
+                grasp = b.xyz + [0, 0, b.grasp_z]
+                if b.graspable and np.abs(grasp[:2] - self.gripper[:2]).max() < 0.03 \
+                        and abs(grasp[2] - self.gripper[2]) < 0.03:
+                    self.held, self.held_offset = b.name, b.xyz - self.gripper
+                    return
+        elif self.held:                            # opening: the held body drops onto what is below
+            b, self.held = self.bodies[self.held], None
+            b.xyz[2] = self.support_z(b)
+
+    def support_z(self, body):
+        z = TABLE_Z
+        for o in self.bodies.values():
+            if o is not body and np.abs(o.xyz[:2] - body.xyz[:2]).max() < o.half_xy():
+                z = max(z, o.xyz[2] + (o.rest_z if o.rest_z is not None else o.height()))
+        return z
+
+    def snapshot(self):
+        return np.stack([b.xyz.copy() for b in self.bodies.values()])
+
+
+# --- rendering: painter's algorithm over shaded prism faces, shadows on the table ---------------------
+LIGHT = np.array([0.35, 0.25, 1.0]) / np.linalg.norm([0.35, 0.25, 1.0])
+
+
+def _prism(part, origin, n_round=18):
+    """(faces, footprint): faces as (world polygon (k, 3), outward normal, colour); footprint (k, 2)."""
+    cx, cy, z0 = np.asarray(origin, float) + part.offset
+    sx, sy, sz = part.size
+    if part.shape == "box":
+        ring = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [sx / 2, sy / 2]
+    else:
+        a = np.linspace(0, 2 * np.pi, n_round, endpoint=False)
+        ring = np.stack([np.cos(a) * sx / 2, np.sin(a) * sy / 2], 1)
+    ring = ring + [cx, cy]
+    bottom, top = np.c_[ring, np.full(len(ring), z0)], np.c_[ring, np.full(len(ring), z0 + sz)]
+    faces = [(top, np.array([0, 0, 1.0]), part.colour)]
+    for i in range(len(ring)):
+        j = (i + 1) % len(ring)
+        n = np.array([ring[j, 1] - ring[i, 1], ring[i, 0] - ring[j, 0], 0.0])
+        faces.append((np.stack([bottom[i], bottom[j], top[j], top[i]]), n / np.linalg.norm(n), part.colour))
+    return faces, ring
+
+
+def render(bodies, gripper_xyz, gripper_open, camera=FRONT_CAMERA, supersample=2):
+    """Render the front camera: table, shadows, bodies and the gripper, shaded. -> PIL RGB image."""
+    W, H = camera.size
+    s = supersample
+    img = Image.new("RGB", (W * s, H * s))
+    draw = ImageDraw.Draw(img)
+    for y in range(0, H * s, 4):                                   # back wall: a soft vertical gradient
+        g = int(150 + 60 * y / (H * s))
+        draw.rectangle([0, y, W * s, y + 4], fill=(g, g, g + 8))
+    eye = camera.pose[:3, 3]
+
+    def poly(points):
+        uv, _ = camera.project(points)
+        return [tuple(p) for p in uv * s]
+
+    table = np.array([[-0.3, -0.6], [0.8, -0.6], [0.8, 0.6], [-0.3, 0.6]])
+    draw.polygon(poly(np.c_[table, np.full(4, TABLE_Z)]), fill=(160, 120, 80))
+    draw.polygon(poly(np.array([[0.8, -0.6, TABLE_Z], [0.8, 0.6, TABLE_Z], [0.8, 0.6, 0.0], [0.8, -0.6, 0.0]])),
+                 fill=(110, 80, 55))
+    prisms = [(p, b.xyz) for b in bodies for p in b.parts]
+    prisms += [(p, gripper_xyz) for p in gripper_parts(gripper_open)[:3]]   # the arm link casts no shadow
+    shadow = Image.new("L", img.size, 0)
+    sdraw = ImageDraw.Draw(shadow)
+    for part, origin in prisms:                                    # shadows: footprints, fading with height
+        lift = np.asarray(origin, float)[2] + part.offset[2] - TABLE_Z
+        if part.shape == "sphere":
+            lift -= part.size[0] / 2
+        _, ring = _prism(part, origin)
+        sdraw.polygon(poly(np.c_[ring, np.full(len(ring), TABLE_Z + 1e-3)]), fill=int(210 * math.exp(-lift / 0.6)))
+    img = Image.composite(Image.new("RGB", img.size, (40, 30, 25)), img, shadow.point(lambda v: v * 0.75))
+    draw = ImageDraw.Draw(img)
+    faces = []
+    for part, origin in prisms + [(p, gripper_xyz) for p in gripper_parts(gripper_open)[3:]]:
+        if part.shape == "sphere":
+            c = np.asarray(origin, float) + part.offset
+            faces.append((np.linalg.norm(c - eye), "sphere", (c, part.size[0] / 2, part.colour)))
+            continue
+        for pts, n, colour in _prism(part, origin)[0]:
+            centre = pts.mean(0)
+            if n @ (eye - centre) > 0:                             # facing the camera
+                shade = 0.45 + 0.55 * max(0.0, float(n @ LIGHT))
+                faces.append((np.linalg.norm(centre - eye), "face", (pts, tuple(int(c * shade) for c in colour))))
+    for _, kind, item in sorted(faces, key=lambda f: -f[0]):       # far to near
+        if kind == "face":
+            draw.polygon(poly(item[0]), fill=item[1])
+        else:
+            c, r, colour = item
+            (u, v), depth = camera.project(c)
+            rad = camera.K[0, 0] * r / depth * s
+            for k, shade in ((1.0, 0.6), (0.7, 0.85), (0.35, 1.0)):
+                off = (1 - k) * rad * 0.4
+                draw.ellipse([u * s - off - rad * k, v * s - off - rad * k, u * s - off + rad * k,
+                              v * s - off + rad * k], fill=tuple(int(ch * shade) for ch in colour))
+    return img.resize((W, H), Image.LANCZOS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: a random scene, a few phrasings, the expert's plan of keyframes, a success check
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Keyframe:
+    xyz: np.ndarray
+    gripper_open: bool        # gripper state from this keyframe on
+    label: str                # the subtask it completes, e.g. "grasp the red cup"
+
+
+def _spots(rng, n, min_dist=0.14, low=(0.02, -0.28), high=(0.45, 0.28)):
+    """n table positions at least min_dist apart."""
+    out = []
+    while len(out) < n:
+        p = rng.uniform(low, high)
+        if all(np.linalg.norm(p - q) >= min_dist for q in out):
+            out.append(p)
+    return [np.array([p[0], p[1], TABLE_Z]) for p in out]
+
+
+def _colours(rng, n):
+    names = rng.choice(list(COLOURS), size=n, replace=False)
+    return [str(c) for c in names]
+
+
+def _box(name, xyz, size, colour, **kw):
+    return Body(name, np.asarray(xyz, float), [Part("box", (0, 0, 0), size, colour)], **kw)
+
+
+def _cup(name, xyz, colour):
+    return Body(name, np.asarray(xyz, float), [Part("cylinder", (0, 0, 0), (0.07, 0.07, 0.09), colour)],
+                graspable=True, grasp_z=0.05)
+
+
+def _above(p, dz):
+    return np.asarray(p, float) + [0, 0, dz]
+
+
+def _pick(body, label, lift=0.2, approach=0.12):
+    g = body.xyz + [0, 0, body.grasp_z]
+    return [Keyframe(_above(g, approach), True, f"move above the {label}"),
+            Keyframe(g, False, f"grasp the {label}"),
+            Keyframe(_above(g, lift), False, f"lift the {label}")]
+
+
+def _place(body, label, target_xyz, held_rest, where, drop=0.0):
+    """Keyframes that carry the held body above target_xyz (`where`), lower it (by drop), release it."""
+    over = _above(target_xyz, held_rest + 0.12)
+    kfs = [Keyframe(over, False, f"move the {label} over {where}")]
+    if drop:
+        kfs.append(Keyframe(_above(target_xyz, held_rest + drop), False, f"lower the {label}"))
+    kfs[-1] = Keyframe(kfs[-1].xyz, True, f"release the {label} {'onto' if drop else 'over'} {where}")
+    return kfs
+
+
+class Task:
+    """One task family; a new task fills in:
+        phrasings        instructions, with {placeholders} for the scene's words (colours, names)
+        setup(rng)       -> (bodies, words): a random scene, and the words its instruction uses
+        plan(scene)      -> [Keyframe]: the expert's keyframes (where the gripper goes, open or closed)
+        success(scene)   -> bool: is the task done
+        target           (body name, description) of the object the task is about
+    reset(rng) then gives the scene with the gripper at its home, and an instruction."""
+    phrasings: tuple = ()
+    start_open = True
+    target = ("", "")
+
+    def setup(self, rng):
+        raise NotImplementedError
+
+    def plan(self, scene):
+        raise NotImplementedError
+
+    def success(self, scene):
+        raise NotImplementedError
+
+    def reset(self, rng):
+        bodies, words = self.setup(rng)
+        home = np.array([0.30, 0.0, 1.12]) + rng.uniform(-0.04, 0.04, 3)
+        scene = Scene(bodies, home, self.start_open)
+        scene.words = words
+        return scene, str(rng.choice(self.phrasings)).format(**words)
+
+
+class PickUpCup(Task):
+    target = ("cup_0", "{c} cup")
+    phrasings = ("pick up the {c} cup", "grasp the {c} cup and lift it", "lift the {c} cup off the table")
+
+    def setup(self, rng):
+        cols, spots = _colours(rng, 3), _spots(rng, 3)
+        return [_cup(f"cup_{i}", s, COLOURS[c]) for i, (s, c) in enumerate(zip(spots, cols))], {"c": cols[0]}
+
+    def plan(self, scene):
+        return _pick(scene.bodies["cup_0"], f"{scene.words['c']} cup")
+
+    def success(self, scene):
+        return scene.held == "cup_0" and scene.bodies["cup_0"].xyz[2] > TABLE_Z + 0.1
+
+
+class PushButton(Task):
+    target = ("button", "{c} button")
+    phrasings = ("push the {c} button", "press the {c} button", "press down on the {c} button")
+    start_open = False
+
+    def setup(self, rng):
+        cols, spots = _colours(rng, 3), _spots(rng, 3)
+        button = Body("button", spots[0], [Part("box", (0, 0, 0), (0.1, 0.1, 0.025), (90, 90, 95)),
+                                           Part("cylinder", (0, 0, 0.025), (0.05, 0.05, 0.015), COLOURS[cols[0]])])
+        others = [_box(f"block_{i}", s, (0.05, 0.05, 0.05), COLOURS[c]) for i, (s, c) in
+                  enumerate(zip(spots[1:], cols[1:]))]
+        return [button] + others, {"c": cols[0]}
+
+    def plan(self, scene):
+        b = scene.bodies["button"]
+        return [Keyframe(_above(b.xyz, 0.16), False, "move above the button"),
+                Keyframe(_above(b.xyz, 0.035), False, "press the button")]
+
+    def success(self, scene):
+        b = scene.bodies["button"]
+        return np.abs(scene.gripper[:2] - b.xyz[:2]).max() < 0.025 and scene.gripper[2] < b.xyz[2] + 0.045
+
+
+class PutRubbishInBin(Task):
+    target = ("rubbish", "rubbish")
+    phrasings = ("put the rubbish in the bin", "drop the rubbish into the bin", "throw away the trash")
+
+    def setup(self, rng):
+        spots = _spots(rng, 4, min_dist=0.16)
+        bin_ = Body("bin", spots[0], [Part("box", (0, 0, 0), (0.16, 0.2, 0.11), (60, 65, 70)),
+                                      Part("box", (0, 0, 0.1), (0.13, 0.17, 0.011), (25, 25, 28))], rest_z=0.012)
+        rubbish = Body("rubbish", spots[1], [Part("box", (0, 0, 0), (0.045, 0.045, 0.04), (235, 235, 225))],
+                       graspable=True, grasp_z=0.025)
+        tomatoes = [Body(f"tomato_{i}", s, [Part("sphere", (0, 0, 0.03), (0.06, 0.06, 0.06), (210, 40, 30))])
+                    for i, s in enumerate(spots[2:])]
+        return [bin_, rubbish] + tomatoes, {}
+
+    def plan(self, scene):
+        return _pick(scene.bodies["rubbish"], "rubbish") + _place(scene.bodies["rubbish"], "rubbish",
+                                                                   scene.bodies["bin"].xyz, 0.11, "the bin")
+
+    def success(self, scene):
+        r, b = scene.bodies["rubbish"], scene.bodies["bin"]
+        return scene.held is None and np.abs(r.xyz[:2] - b.xyz[:2]).max() < 0.06 and r.xyz[2] < b.xyz[2] + 0.05
+
+
+class PhoneOnBase(Task):
+    target = ("phone", "phone")
+    phrasings = ("put the phone on the base", "put the phone on the charging base", "charge the phone")
+
+    def setup(self, rng):
+        spots = _spots(rng, 3, min_dist=0.18)
+        base = Body("base", spots[0], [Part("box", (0, 0, 0), (0.1, 0.17, 0.02), (150, 150, 155)),
+                                       Part("box", (0, 0, 0.02), (0.03, 0.12, 0.004), (40, 40, 45))])
+        phone = Body("phone", spots[1], [Part("box", (0, 0, 0), (0.075, 0.15, 0.016), (20, 20, 25))],
+                     graspable=True, grasp_z=0.01)
+        clutter = _box("block_0", spots[2], (0.05, 0.05, 0.05), COLOURS[_colours(rng, 1)[0]])
+        return [base, phone, clutter], {}
+
+    def plan(self, scene):
+        phone, base = scene.bodies["phone"], scene.bodies["base"]
+        return _pick(phone, "phone", lift=0.15) + _place(phone, "phone", _above(base.xyz, 0.02), 0.01, "the base", drop=0.02)
+
+    def success(self, scene):
+        p, b = scene.bodies["phone"], scene.bodies["base"]
+        return scene.held is None and np.abs(p.xyz[:2] - b.xyz[:2]).max() < 0.03 and p.xyz[2] > TABLE_Z + 0.015
+
+
+class TakeLidOffSaucepan(Task):
+    target = ("lid", "saucepan lid")
+    phrasings = ("take the lid off the saucepan", "remove the lid from the pan", "lift the lid off the saucepan")
+
+    def setup(self, rng):
+        spots = _spots(rng, 2, min_dist=0.2)
+        pan = Body("saucepan", spots[0], [Part("cylinder", (0, 0, 0), (0.17, 0.17, 0.08), (160, 165, 175)),
+                                          Part("box", (0, 0.13, 0.06), (0.03, 0.1, 0.015), (40, 40, 40))])
+        lid = Body("lid", _above(spots[0], 0.08), [Part("cylinder", (0, 0, 0), (0.175, 0.175, 0.01), (120, 125, 135)),
+                                                   Part("cylinder", (0, 0, 0.01), (0.025, 0.025, 0.03), (30, 30, 30))],
+                   graspable=True, grasp_z=0.03)
+        clutter = _cup("cup_0", spots[1], COLOURS[_colours(rng, 1)[0]])
+        return [pan, lid, clutter], {}
+
+    def plan(self, scene):
+        return _pick(scene.bodies["lid"], "lid", lift=0.2, approach=0.1)
+
+    def success(self, scene):
+        return scene.held == "lid" and scene.bodies["lid"].xyz[2] > scene.bodies["saucepan"].xyz[2] + 0.18
+
+
+class StackBlocks(Task):
+    target = ("block_0", "{a} block")
+    phrasings = ("stack the {a} block on the {b} block", "put the {a} block on top of the {b} block")
+
+    def setup(self, rng):
+        cols, spots = _colours(rng, 3), _spots(rng, 3)
+        return [_box(f"block_{i}", s, (0.05, 0.05, 0.05), COLOURS[c], graspable=True, grasp_z=0.03)
+                for i, (s, c) in enumerate(zip(spots, cols))], {"a": cols[0], "b": cols[1]}
+
+    def plan(self, scene):
+        a, b = scene.bodies["block_0"], scene.bodies["block_1"]
+        return _pick(a, f"{scene.words['a']} block", lift=0.15) + _place(
+            a, f"{scene.words['a']} block", _above(b.xyz, 0.05), 0.03, f"the {scene.words['b']} block", drop=0.005)
+
+    def success(self, scene):
+        a, b = scene.bodies["block_0"], scene.bodies["block_1"]
+        return scene.held is None and np.abs(a.xyz[:2] - b.xyz[:2]).max() < 0.025 and a.xyz[2] > b.xyz[2] + 0.04
+
+
+class ReachTarget(Task):
+    target = ("target_0", "{c} target")
+    phrasings = ("reach the {c} target", "touch the {c} ball with the gripper", "move to the {c} target")
+
+    def setup(self, rng):
+        cols, spots = _colours(rng, 3), _spots(rng, 3, min_dist=0.15)
+        return [Body(f"target_{i}", _above(s, rng.uniform(0.05, 0.35)), [Part("sphere", (0, 0, 0), (0.05,) * 3,
+                COLOURS[c])]) for i, (s, c) in enumerate(zip(spots, cols))], {"c": cols[0]}
+
+    def plan(self, scene):
+        return [Keyframe(scene.bodies["target_0"].xyz.copy(), True, f"reach the {scene.words['c']} target")]
+
+    def success(self, scene):
+        return np.linalg.norm(scene.gripper - scene.bodies["target_0"].xyz) < 0.03
+
+
+class SlideBlockToTarget(Task):
+    target = ("block", "blue block")
+    phrasings = ("slide the block to the target", "push the block onto the green square")
+    start_open = False
+
+    def setup(self, rng):
+        while True:
+            block_at, target_at = _spots(rng, 2, min_dist=0.15, low=(0.05, -0.25), high=(0.42, 0.25))
+            d = (target_at - block_at)[:2] / np.linalg.norm((target_at - block_at)[:2])
+            if WORKSPACE[0][0] < block_at[0] - 0.09 * d[0] < WORKSPACE[1][0]:
+                break
+        target = Body("target", target_at, [Part("box", (0, 0, 0), (0.09, 0.09, 0.002), COLOURS["green"])])
+        block = _box("block", block_at, (0.05, 0.05, 0.05), COLOURS["blue"], pushable=True)
+        return [target, block], {}
+
+    def plan(self, scene):
+        b, t = scene.bodies["block"].xyz, scene.bodies["target"].xyz
+        d = np.r_[(t - b)[:2] / np.linalg.norm((t - b)[:2]), 0]
+        behind = b - d * 0.09 + [0, 0, 0.025]
+        return [Keyframe(_above(behind, 0.1), False, "move behind the block"),
+                Keyframe(behind, False, "lower the gripper behind the block"),
+                Keyframe(t - d * (0.025 + 0.012) + [0, 0, 0.025], False, "push the block onto the target")]
+
+    def success(self, scene):
+        return np.abs(scene.bodies["block"].xyz[:2] - scene.bodies["target"].xyz[:2]).max() < 0.03
+
+
+TASKS: dict[str, Task] = {"pick_up_cup": PickUpCup(), "push_button": PushButton(),
+                          "put_rubbish_in_bin": PutRubbishInBin(), "phone_on_base": PhoneOnBase(),
+                          "take_lid_off_saucepan": TakeLidOffSaucepan(), "stack_blocks": StackBlocks(),
+                          "reach_target": ReachTarget(), "slide_block_to_target": SlideBlockToTarget()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,111 +35,6 @@ import model as M
 import reward
 from sample import generate
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _nice_ticks(lo, hi, n=5):
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
-    start = math.floor(lo / step) * step
-    ticks = [start + i * step for i in range(n + 3) if start + i * step <= hi + step * 0.999]
-    return ticks[0], ticks[-1], ticks
-
-
-def _label(v):
-    return f"{v:.0f}" if abs(v) >= 100 or v == int(v) else f"{v:.2f}".rstrip("0").rstrip(".")
-
-
-def _moving_average(ys, window):
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y - (ys[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def line_chart(panels, path, x_label="", width=1100, panel_height=300, smooth=10):
-    """panels: [(title, {name: [(x, y), ...]})] -> one PNG, panels stacked, with axes, ticks and legends.
-    Series that are 0 throughout are left out; with smooth > 1 each series is drawn faint as measured and
-    bold as its moving average over `smooth` points."""
-    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
-    img = Image.new("RGB", (width, panel_height * len(panels)), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (title, series) in enumerate(panels):
-        top = p * panel_height
-        left, right, y0, y1 = 70, width - 190, top + 30, top + panel_height - 40
-        draw.text((left, top + 6), title, fill="black", font=font)
-        points = [pt for pts in series.values() for pt in pts]
-        if not points:
-            draw.text((left, y0 + 40), "(nothing yet)", fill="grey", font=small)
-            continue
-        xlo, xhi = min(x for x, _ in points), max(x for x, _ in points)
-        ylo, yhi, yticks = _nice_ticks(min(y for _, y in points), max(y for _, y in points))
-        xlo, xhi, xticks = _nice_ticks(xlo, max(xhi, xlo + 1), 8)
-        sx = lambda x: left + (x - xlo) / (xhi - xlo) * (right - left)
-        sy = lambda y: y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-        for t in yticks:
-            draw.line([left, sy(t), right, sy(t)], fill=(232, 232, 232))
-            draw.text((left - 8, sy(t)), _label(t), fill="black", font=small, anchor="rm")
-        for t in xticks:
-            draw.text((sx(t), y1 + 6), _label(t), fill="black", font=small, anchor="mt")
-        draw.rectangle([left, y0, right, y1], outline="black")
-        if x_label:
-            draw.text(((left + right) / 2, y1 + 22), x_label, fill="black", font=small, anchor="mt")
-        series = {n: p for n, p in series.items() if any(y != 0 for _, y in p)} or series
-        for i, (name, pts) in enumerate(series.items()):
-            colour = PALETTE[i % len(PALETTE)]
-            pts = sorted(pts)
-            xy = [(sx(x), sy(y)) for x, y in pts]
-            if len(xy) > smooth > 1:
-                draw.line(xy, fill=tuple(c + (255 - c) * 3 // 5 for c in colour), width=1)
-                xy = [(sx(x), sy(y)) for (x, _), y in zip(pts, _moving_average([y for _, y in pts], smooth))]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy[-1:] if len(xy) > 1 else xy:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            draw.line([right + 15, y0 + 10 + 18 * i, right + 35, y0 + 10 + 18 * i], fill=colour, width=3)
-            draw.text((right + 40, y0 + 10 + 18 * i), name, fill="black", font=small, anchor="lm")
-    img.save(path)
-    return img
-
-
-def bar_chart(title, categories, series, path, width=1000, height=420, y_max=None):
-    """Grouped bars: categories along x, one bar per series name {name: [value per category]}."""
-    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, right, y0, y1 = 70, width - 170, 40, height - 60
-    draw.text((left, 10), title, fill="black", font=font)
-    values = [v for vs in series.values() for v in vs if v is not None]
-    ylo, yhi, yticks = _nice_ticks(0.0, y_max if y_max is not None else max(values + [1e-9]))
-    sy = lambda y: y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-    for t in yticks:
-        draw.line([left, sy(t), right, sy(t)], fill=(232, 232, 232))
-        draw.text((left - 8, sy(t)), _label(t), fill="black", font=small, anchor="rm")
-    slot = (right - left) / max(len(categories), 1)
-    bar = slot * 0.8 / max(len(series), 1)
-    for c, cat in enumerate(categories):
-        for s, (name, vs) in enumerate(series.items()):
-            v = vs[c]
-            if v is None:
-                continue
-            x = left + c * slot + slot * 0.1 + s * bar
-            draw.rectangle([x, sy(v), x + bar - 2, y1], fill=PALETTE[s % len(PALETTE)])
-            draw.text((x + bar / 2, sy(v) - 3), _label(v), fill="black", font=small, anchor="mb")
-        draw.text((left + (c + 0.5) * slot, y1 + 8), cat, fill="black", font=small, anchor="mt")
-    draw.rectangle([left, y0, right, y1], outline="black")
-    for s, name in enumerate(series):
-        draw.rectangle([right + 15, y0 + 10 + 20 * s, right + 30, y0 + 22 + 20 * s], fill=PALETTE[s % len(PALETTE)])
-        draw.text((right + 38, y0 + 16 + 20 * s), name, fill="black", font=small, anchor="lm")
-    img.save(path)
-    return img
-
-
 # ----------------------------------------------------------------------------------------------------
 # Models and answers
 # ----------------------------------------------------------------------------------------------------
@@ -312,21 +207,20 @@ def spatial_phrase(delta, dead_zone=0.03):
 def bench_questions(episodes, every=10):
     out = []
     for ep in episodes:
-        kps, subtasks = ep.meta["keyframes"], ep.meta["subtasks"]
-        target = ep.meta["bodies"].index(ep.meta["target"])
+        kps, subtasks = ep.sim.keyframes, ep.sim.subtasks
+        target = ep.sim.bodies.index(ep.sim.target)
         for t in range(0, len(ep.positions), every):
             k = next((i for i, kp in enumerate(kps) if kp > t), None)
             if k is None:
                 continue
             cur = ep.positions[t]
-            obj = ep.meta["body_xyz"][t][target]
+            obj = ep.sim.body_xyz[t][target]
             truths = {"movement": data.movement_phrase(ep.positions[kps[k]] - cur),
-                      "spatial": spatial_phrase(cur - obj) + f" the {ep.meta['target_name']}",
+                      "spatial": spatial_phrase(cur - obj) + f" the {ep.sim.target_name}",
                       "planning": "; ".join(subtasks), "high-level action": subtasks[k]}
             for cat, truth in truths.items():
-                prompt = (data.HEADER.format(task=ep.instruction) + data.STATE_BLOCK.format(xyz=data.fmt_xyz(cur))
-                          + "## Question\n" + BENCH_QUESTIONS[cat].format(target=ep.meta["target_name"]) + "\n"
-                          + data.OUTPUT_FORMAT.format(example="[your answer]"))
+                prompt = data.make_prompt(cat, ep.instruction, cur,
+                                          question=BENCH_QUESTIONS[cat].format(target=ep.sim.target_name))
                 out.append(data.Sample(f"{ep.id}/t{t}/{cat}", ep.task, cat, ep.images[t], prompt, [], truth, truth,
                                        {"frame": t}))
     return out
@@ -706,14 +600,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
             rule's accuracy beside every model's either way.
     """
     import torch.distributed as dist
-    rank, world = 0, 1
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
+    rank, world, device = M.setup_distributed(group_on_one_gpu=False)
     run = Path(model).parent if (Path(model).parent / "config.json").exists() else None
     run_cfg = json.loads((run / "config.json").read_text()) if run else {}
     if compare == "auto":
@@ -754,7 +641,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
         del policy
     if rank == 0:
         write_report(names, results, eps, cfg, out)
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -798,6 +685,114 @@ def write_report(names, results, eps, cfg, out):
         examples_picture(qs, by_model, names).save(out / "examples.png")
     print(markdown(names, sums, references, blind))
     print(f"report: {out / 'report.md'} (and report.json, *.png)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Charts, drawn with Pillow (no plotting library): the report's bars here, grpo.py's training curves
+# ----------------------------------------------------------------------------------------------------
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def _nice_ticks(lo, hi, n=5):
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    start = math.floor(lo / step) * step
+    ticks = [start + i * step for i in range(n + 3) if start + i * step <= hi + step * 0.999]
+    return ticks[0], ticks[-1], ticks
+
+
+def _label(v):
+    return f"{v:.0f}" if abs(v) >= 100 or v == int(v) else f"{v:.2f}".rstrip("0").rstrip(".")
+
+
+def _moving_average(ys, window):
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def line_chart(panels, path, x_label="", width=1100, panel_height=300, smooth=10):
+    """panels: [(title, {name: [(x, y), ...]})] -> one PNG, panels stacked, with axes, ticks and legends.
+    Series that are 0 throughout are left out; with smooth > 1 each series is drawn faint as measured and
+    bold as its moving average over `smooth` points."""
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    img = Image.new("RGB", (width, panel_height * len(panels)), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (title, series) in enumerate(panels):
+        top = p * panel_height
+        left, right, y0, y1 = 70, width - 190, top + 30, top + panel_height - 40
+        draw.text((left, top + 6), title, fill="black", font=font)
+        points = [pt for pts in series.values() for pt in pts]
+        if not points:
+            draw.text((left, y0 + 40), "(nothing yet)", fill="grey", font=small)
+            continue
+        xlo, xhi = min(x for x, _ in points), max(x for x, _ in points)
+        ylo, yhi, yticks = _nice_ticks(min(y for _, y in points), max(y for _, y in points))
+        xlo, xhi, xticks = _nice_ticks(xlo, max(xhi, xlo + 1), 8)
+        sx = lambda x: left + (x - xlo) / (xhi - xlo) * (right - left)
+        sy = lambda y: y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+        for t in yticks:
+            draw.line([left, sy(t), right, sy(t)], fill=(232, 232, 232))
+            draw.text((left - 8, sy(t)), _label(t), fill="black", font=small, anchor="rm")
+        for t in xticks:
+            draw.text((sx(t), y1 + 6), _label(t), fill="black", font=small, anchor="mt")
+        draw.rectangle([left, y0, right, y1], outline="black")
+        if x_label:
+            draw.text(((left + right) / 2, y1 + 22), x_label, fill="black", font=small, anchor="mt")
+        series = {n: p for n, p in series.items() if any(y != 0 for _, y in p)} or series
+        for i, (name, pts) in enumerate(series.items()):
+            colour = PALETTE[i % len(PALETTE)]
+            pts = sorted(pts)
+            xy = [(sx(x), sy(y)) for x, y in pts]
+            if len(xy) > smooth > 1:
+                draw.line(xy, fill=tuple(c + (255 - c) * 3 // 5 for c in colour), width=1)
+                xy = [(sx(x), sy(y)) for (x, _), y in zip(pts, _moving_average([y for _, y in pts], smooth))]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy[-1:] if len(xy) > 1 else xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            draw.line([right + 15, y0 + 10 + 18 * i, right + 35, y0 + 10 + 18 * i], fill=colour, width=3)
+            draw.text((right + 40, y0 + 10 + 18 * i), name, fill="black", font=small, anchor="lm")
+    img.save(path)
+    return img
+
+
+def bar_chart(title, categories, series, path, width=1000, height=420, y_max=None):
+    """Grouped bars: categories along x, one bar per series name {name: [value per category]}."""
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, y0, y1 = 70, width - 170, 40, height - 60
+    draw.text((left, 10), title, fill="black", font=font)
+    values = [v for vs in series.values() for v in vs if v is not None]
+    ylo, yhi, yticks = _nice_ticks(0.0, y_max if y_max is not None else max(values + [1e-9]))
+    sy = lambda y: y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+    for t in yticks:
+        draw.line([left, sy(t), right, sy(t)], fill=(232, 232, 232))
+        draw.text((left - 8, sy(t)), _label(t), fill="black", font=small, anchor="rm")
+    slot = (right - left) / max(len(categories), 1)
+    bar = slot * 0.8 / max(len(series), 1)
+    for c, cat in enumerate(categories):
+        for s, (name, vs) in enumerate(series.items()):
+            v = vs[c]
+            if v is None:
+                continue
+            x = left + c * slot + slot * 0.1 + s * bar
+            draw.rectangle([x, sy(v), x + bar - 2, y1], fill=PALETTE[s % len(PALETTE)])
+            draw.text((x + bar / 2, sy(v) - 3), _label(v), fill="black", font=small, anchor="mb")
+        draw.text((left + (c + 0.5) * slot, y1 + 8), cat, fill="black", font=small, anchor="mt")
+    draw.rectangle([left, y0, right, y1], outline="black")
+    for s, name in enumerate(series):
+        draw.rectangle([right + 15, y0 + 10 + 20 * s, right + 30, y0 + 22 + 20 * s], fill=PALETTE[s % len(PALETTE)])
+        draw.text((right + 38, y0 + 16 + 20 * s), name, fill="black", font=small, anchor="lm")
+    img.save(path)
+    return img
 
 
 if __name__ == "__main__":

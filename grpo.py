@@ -255,25 +255,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
 # ----------------------------------------------------------------------------------------------------
 # Setup: ranks, data, models
 # ----------------------------------------------------------------------------------------------------
-def setup_distributed():
-    """torchrun gives RANK/WORLD_SIZE: one process per GPU (NCCL), or CPU processes (gloo) for tests.
-    A single GPU also runs as a 1-rank group, so that FSDP's bf16/fp32 mixed precision applies."""
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ or cuda:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cpu")
-
-
 def load_questions(cfg, rank):
     """The tabletop simulator's questions, written to OUT/data (a --dataset folder is read by prepare_run).
     The folder's manifest records the settings that built it; other settings rebuild it, never reuse it."""
@@ -700,7 +681,7 @@ def keep_lines(path, last_step, log):
 
 
 def plot_curves(metrics_path, png_path):
-    from eval import line_chart
+    from eval import line_chart                     # the project's charts are drawn in one place, eval.py
     rows = read_jsonl(metrics_path, lambda *a: None)
     series = lambda prefix: {k[len(prefix):] or k: [(r["step"], r[k]) for r in rows if k in r]
                              for k in sorted({k for r in rows for k in r if k.startswith(prefix)})}
@@ -913,7 +894,7 @@ def main(cfg: Config):
     cfg = resolve(cfg)
     if cfg.plan:
         return print_plan(cfg, cfg.plan)
-    rank, world, device = setup_distributed()
+    rank, world, device = M.setup_distributed()
     if cfg.update_prompts % world:
         raise data.UserError(f"--update_prompts {cfg.update_prompts} must be divisible by the {world} ranks")
     weights = reward.parse_weights(cfg.rewards)

@@ -459,7 +459,7 @@ def bpe_tokenizer(vocab_size=1024):
     Deterministic: the same corpus gives the same vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from data import template_corpus
+    from data import template_corpus               # the prompts' fixed text: what this tokenizer must compress
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\[\[[A-D]\]\]|</?think>|</?answer>|\d|\n"), "isolated"),
@@ -705,6 +705,27 @@ def _checkpointed(forward):
             return forward(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
+
+
+def setup_distributed(group_on_one_gpu=True):
+    """torchrun gives RANK/WORLD_SIZE: one process per GPU (NCCL), or CPU processes (gloo, for tests).
+    Without torchrun a single GPU also runs as a 1-rank group when `group_on_one_gpu` (training: so that
+    FSDP's bf16/fp32 mixed precision applies). -> (rank, world size, device)"""
+    import os
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ and not (cuda and group_on_one_gpu):
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 FSDP_METHODS = ("image_features", "next_token_logits", "completion_logprobs")

@@ -60,8 +60,8 @@ def test_stopping_delta_is_inclusive_and_per_joint():
 @pytest.mark.parametrize("task", list(data.TASKS))
 def test_simulated_expert_succeeds_and_keypoints_recover_its_keyframes(task):
     for ep in data.generate_episodes(task, 6, seed=11):
-        assert data.keypoint_discovery(ep.gripper_open, ep.joint_velocities) == ep.meta["keyframes"]
-        assert ep.meta["success"], ep.id
+        assert data.keypoint_discovery(ep.gripper_open, ep.joint_velocities) == ep.sim.keyframes
+        assert ep.sim.success, ep.id
         assert len(ep.images) == len(ep.positions) == len(ep.gripper_open) == len(ep.joint_velocities)
 
 
