@@ -354,9 +354,12 @@ def test_stale_tabletop_questions_are_rebuilt_not_reused(tmp_path):
         c = grpo.resolve(grpo.Config(out=tmp_path, tasks=("reach_target",), episodes=1, **kw))
         return grpo.load_questions(c, 0)
     assert {q.kind for q in questions(kinds=("waypoint",))} == {"waypoint"}
-    assert {q.kind for q in questions(kinds=("state",))} == {"state"}
+    matched = questions(kinds=("state",))
+    assert {q.kind for q in matched} == {"state"}
     built = json.loads((tmp_path / "data" / "manifest.json").read_text())["built_from"]
-    assert built == {"seed": 0, "tasks": ["reach_target"], "episodes": 1, "kinds": ["state"]}
+    assert built == {"seed": 0, "tasks": ["reach_target"], "episodes": 1, "kinds": ["state"], "distractors": "matched"}
+    uniform = questions(kinds=("state",), distractors="uniform")
+    assert [q.options for q in uniform] != [q.options for q in matched]
 
 
 def test_resume_refuses_other_settings_and_falls_back_past_a_damaged_checkpoint(tmp_path, probe_folder, capsys):
