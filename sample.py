@@ -84,13 +84,13 @@ WINDOW = 256   # attention reads the cache up to the next multiple of this, not 
 
 
 def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, eos_ids=(),
-             generator=None, pad_id=0, check_every=16, cuda_graph=None, engine=None) -> Rollout:
+             seeds=None, pad_id=0, check_every=16, cuda_graph=None, engine=None) -> Rollout:
     """G = num_samples completions of each prompt in `batch` (a model.Batch), as R = B * G rows
     ordered prompt by prompt (row b * G + j is sample j of prompt b).
 
-    generator: where randomness comes from: a torch.Generator (prompt seeds are drawn from it), an int
-    tensor of B prompt seeds (expanded by row_seeds), or of R row seeds (used as given; with G = 1 the
-    two coincide). temperature 0 decodes greedily.
+    seeds: where randomness comes from: an int tensor of B prompt seeds (expanded by row_seeds), or of R
+    row seeds (used as given; with G = 1 the two coincide); None draws prompt seeds from torch's default
+    generator. temperature 0 decodes greedily.
     cuda_graph: capture the decode step (default: on CUDA, for a model without FSDP hooks: a graph may
     not hold the collectives that gather FSDP's shards).
     engine: an Engine kept between calls (its caches and graphs are reused); default: a fresh one.
@@ -98,13 +98,11 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
     dev = batch.input_ids.device
     B, P = batch.input_ids.shape
     R, G = B * num_samples, num_samples
-    if isinstance(generator, torch.Tensor):
-        seeds = generator.to(dev).long()
-        if len(seeds) not in (B, R):
-            raise ValueError(f"generator: {len(seeds)} seeds for {B} prompts x {G} samples")
-        seeds = seeds if len(seeds) == R else row_seeds(seeds, G)
-    else:
-        seeds = row_seeds(torch.randint(0, 2 ** 31 - 1, (B,), generator=generator).to(dev), G)
+    seeds = torch.randint(0, 2 ** 31 - 1, (B,)) if seeds is None else seeds
+    seeds = seeds.to(dev).long()
+    if len(seeds) not in (B, R):
+        raise ValueError(f"seeds: {len(seeds)} seeds for {B} prompts x {G} samples")
+    seeds = seeds if len(seeds) == R else row_seeds(seeds, G)
     engine = engine or Engine(model, cuda_graph)
     if engine.model is not model:
         raise ValueError("generate: the engine was made for another model")
@@ -306,7 +304,7 @@ def bench(new_tokens=256, text_tokens=60):
     for prompts, G in ((1, 1), (64, 1), (16, 4)):
         b, R = batch(prompts), prompts * G
         ms = per_step(lambda n: generate(ours, b, G, n, temperature=1.0, top_p=0.99,
-                                         generator=torch.arange(prompts, device=dev)))
+                                         seeds=torch.arange(prompts, device=dev)))
         kw = dict(input_ids=b.input_ids.repeat_interleave(G, 0), attention_mask=b.attention_mask.repeat_interleave(G, 0),
                   pixel_values=b.pixel_values.repeat(G, 1), image_grid_thw=b.image_grid_thw.repeat(G, 1),
                   do_sample=True, temperature=1.0, top_p=0.99, top_k=0)

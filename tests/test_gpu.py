@@ -67,7 +67,7 @@ def test_graphed_decode_equals_eager_decode():
     batch = batch.to("cuda")
     graphed, eager, captured = Engine(model, cuda_graph=True), Engine(model, cuda_graph=False), []
     for seed in (0, 100):                            # the second call replays the first call's graphs
-        runs = [generate(model, batch, 3, 40, temperature=1.0, top_p=0.99, generator=torch.arange(4) + seed,
+        runs = [generate(model, batch, 3, 40, temperature=1.0, top_p=0.99, seeds=torch.arange(4) + seed,
                          engine=engine) for engine in (graphed, eager)]
         assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
         assert torch.allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-3)

@@ -20,7 +20,7 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny):
     m, proc = tiny
     batch = proc.encode(questions(3, seed=7))
     out = sample.generate(m, batch, num_samples=2, max_new_tokens=12, temperature=1.0,
-                          generator=torch.arange(3))
+                          seeds=torch.arange(3))
     G, T = 2, 12
     with torch.no_grad():
         feats = m.image_features(batch.pixel_values, batch.image_grid_thw)
@@ -58,9 +58,9 @@ def test_one_shared_prefill_equals_separate_prefills(tiny):
     qs = questions(2, seed=9)
     G = 3
     seeds = sample.row_seeds(torch.tensor([11, 12]), G)
-    shared = sample.generate(m, proc.encode(qs), G, 10, temperature=1.0, top_p=0.9, generator=seeds)
+    shared = sample.generate(m, proc.encode(qs), G, 10, temperature=1.0, top_p=0.9, seeds=seeds)
     separate = sample.generate(m, proc.encode([q for q in qs for _ in range(G)]), 1, 10, temperature=1.0,
-                               top_p=0.9, generator=seeds)
+                               top_p=0.9, seeds=seeds)
     assert torch.equal(shared.tokens, separate.tokens)
     assert torch.allclose(shared.logprobs, separate.logprobs, atol=1e-5)
     assert len({tuple(t.tolist()) for t in shared.tokens[:G]}) > 1, "samples of one prompt differ"
@@ -70,8 +70,8 @@ def test_a_rows_output_does_not_depend_on_its_batch_neighbours(tiny):
     m, proc = tiny
     qs = questions(3, seed=10)
     for temperature in (0.0, 1.0):
-        alone = sample.generate(m, proc.encode(qs[2:]), 2, 10, temperature, generator=torch.tensor([5]))
-        crowd = sample.generate(m, proc.encode(qs), 2, 10, temperature, generator=torch.tensor([3, 4, 5]))
+        alone = sample.generate(m, proc.encode(qs[2:]), 2, 10, temperature, seeds=torch.tensor([5]))
+        crowd = sample.generate(m, proc.encode(qs), 2, 10, temperature, seeds=torch.tensor([3, 4, 5]))
         assert torch.equal(alone.tokens, crowd.tokens[4:])
 
 
@@ -79,7 +79,7 @@ def test_sampling_logprobs_equal_training_logprobs(tiny):
     m, proc = tiny
     batch = proc.encode(questions(2, seed=11))
     for temperature in (1.0, 0.7):
-        out = sample.generate(m, batch, 3, 10, temperature, top_p=0.95, generator=torch.tensor([1, 2]))
+        out = sample.generate(m, batch, 3, 10, temperature, top_p=0.95, seeds=torch.tensor([1, 2]))
         with torch.no_grad():
             train = m.completion_logprobs(batch, out.tokens, out.mask, temperature)
         assert torch.allclose(out.logprobs, train, atol=1e-4)
@@ -115,9 +115,9 @@ def test_choose_samples_the_top_p_nucleus_with_the_right_frequencies():
 def test_sampling_is_a_pure_function_of_the_seeds(tiny):
     m, proc = tiny
     batch = proc.encode(questions(2, seed=13))
-    a = sample.generate(m, batch, 2, 8, 1.0, generator=torch.tensor([7, 8]))
-    b = sample.generate(m, batch, 2, 8, 1.0, generator=torch.tensor([7, 8]))
-    c = sample.generate(m, batch, 2, 8, 1.0, generator=torch.tensor([7, 9]))
+    a = sample.generate(m, batch, 2, 8, 1.0, seeds=torch.tensor([7, 8]))
+    b = sample.generate(m, batch, 2, 8, 1.0, seeds=torch.tensor([7, 8]))
+    c = sample.generate(m, batch, 2, 8, 1.0, seeds=torch.tensor([7, 9]))
     assert torch.equal(a.tokens, b.tokens)
     assert torch.equal(a.tokens[:2], c.tokens[:2]) and not torch.equal(a.tokens[2:], c.tokens[2:])
     u = sample.uniform(torch.arange(100000), 5)
