@@ -114,6 +114,7 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
         logits = model.next_token_logits(batch.input_ids, batch.positions, batch.attention_mask, feats, cache=prefill,
                                          slot=torch.tensor(0, device=dev))
         cache, step = engine.get(R, P + max_new_tokens, dev)
+        end = cache.max_len if engine.cuda_graph else P + max_new_tokens
         cache.load_prefix(prefill, G)
         del prefill
         logits = logits.repeat_interleave(G, 0)
@@ -131,8 +132,9 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
             done = done | ended
             if s + 1 == max_new_tokens or ((s + 1) % check_every == 0 and bool(done.all())):
                 break
-            # attention reads whole windows of the cache: few distinct lengths, so few graphs
-            cache.attend_len = min(cache.max_len, (P + s + 1 + WINDOW - 1) // WINDOW * WINDOW)
+            # attention reads whole windows of the cache (a graph's cache holds whole windows: few distinct
+            # lengths, so few graphs), never past this call's last slot when eager
+            cache.attend_len = min(end, (P + s + 1 + WINDOW - 1) // WINDOW * WINDOW)
             logits = step(tok[:, None], (pos0 + s)[None, :, None].expand(3, R, 1), P + s)
     mask = (torch.arange(max_new_tokens, device=dev)[None] < lengths[:, None]).long()
     return Rollout(tokens, mask, lengths, logps * mask)
@@ -141,8 +143,8 @@ def generate(model, batch, num_samples=1, max_new_tokens=256, temperature=1.0, t
 class Engine:
     """What a sampler keeps between calls: per number of rows, a static KV cache and its decode step.
     A CUDA graph replays fixed addresses, so keeping the cache keeps the graphs: captured in the first
-    rollout, replayed in every later one. The cache only grows (to a whole number of windows), so the
-    lengths attention reads, and the graphs, are the same from one rollout to the next."""
+    rollout, replayed in every later one. The cache only grows (with graphs, to a whole number of
+    windows), so the lengths attention reads, and the graphs, are the same from one rollout to the next."""
 
     def __init__(self, model, cuda_graph=None):
         from torch.distributed.fsdp import FSDPModule
@@ -155,7 +157,7 @@ class Engine:
         """(cache with at least `length` slots, its decode step) for `rows` rows."""
         if rows not in self.slots or self.slots[rows][0].max_len < length:
             self.slots.pop(rows, None)                  # free the smaller cache (and its graphs) first
-            cache = KVCache(self.model, rows, -(-length // WINDOW) * WINDOW, device=dev)
+            cache = KVCache(self.model, rows, -(-length // WINDOW) * WINDOW if self.cuda_graph else length, device=dev)
             self.slots[rows] = (cache, (_GraphedStep if self.cuda_graph else _EagerStep)(self.model, cache, rows, dev))
         return self.slots[rows]
 
