@@ -98,6 +98,9 @@ def test_report_has_every_section_and_is_deterministic(tmp_path):
     md = (tmp_path / "a" / "report.md").read_text()
     for heading in ("## Multiple choice", "## Open-ended waypoint", "## Bench", "## Closed loop"):
         assert heading in md
+    # beside every multiple-choice accuracy, the text-only rules on the same questions
+    assert {f"{k}/{s}" for k in ("waypoint", "state", "movement") for s in ("In", "Out")} == set(a["blind"])
+    assert "best text-only rule" in md and all(0 <= v <= 1 for r in a["blind"].values() for v in r.values())
     for png in ("choice.png", "bench.png", "loop.png", "examples.png"):
         assert (tmp_path / "a" / png).stat().st_size > 5000
 
