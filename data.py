@@ -286,8 +286,8 @@ MATCHED_GAP = 0.02     # metres between any two options drawn by _matched_positi
 
 
 def _matched_positions(rng, answer, candidates, n=3, min_dist=MATCHED_GAP):
-    """n positions drawn from `candidates`, positions made the way the answer is made (its own
-    demonstration's other moments), >= min_dist from the answer and from each other. The answer and
+    """n positions drawn from `candidates`, positions made the way the answer is made (other moments
+    of the same task's demonstrations), >= min_dist from the answer and from each other. The answer and
     its distractors then come from one distribution: nothing in the text (nearness to the current
     position, to the usual answer, to the other options) singles it out; the image has to."""
     chosen = [np.round(np.asarray(answer, float), 3)]
@@ -364,24 +364,6 @@ def _set_weights(p, k, iters=300):
     return w
 
 
-def _movement_options(rng, moves, n=3):
-    """n adjacent phrases for the answer's moves, arranged as a star: a centre phrase and neighbours of it
-    (one edit away: _neighbour_moves). The centre is the answer one time in n + 1, else one of the
-    answer's neighbours, with the answer among its neighbours: whether an option is central in the set,
-    or how far it is from the others, says nothing about whether it is the answer."""
-    answer = _phrase(moves)
-    pick = lambda pool, k: [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
-    around = _neighbours(moves)
-    if rng.random() < 1 / (n + 1):
-        return pick(list(around), n)
-    for c in rng.permutation(len(around)):
-        centre = list(around)[c]
-        pool = [p for p in _neighbours(around[centre]) if p != answer]
-        if len(pool) >= n - 1:
-            return [centre] + pick(pool, n - 1)
-    return pick(list(around), n)
-
-
 DISTRACTORS = ("matched", "uniform")
 
 
@@ -392,7 +374,7 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
     distractors: how the wrong options are drawn. 'matched' (default): from the answer's own distribution,
     so that text alone cannot find the answer: waypoints are the current position plus the displacement
     to the next keypoint at another moment of the same demonstration, states are its positions at
-    other moments, movements a star of adjacent phrases (_movement_options). 'uniform': the paper's
+    other moments, movements the phrases of other moments (_moment_phrases). 'uniform': the paper's
     rule (Robot-R1, Sec. 4.1): positions uniform in the workspace, movements one edit from the answer;
     a text-only rule then finds 77% of waypoints, 66% of states and 98% of movements (chance 25%).
 
