@@ -49,7 +49,9 @@ WORKSPACE = (np.array([-0.05, -0.35, 0.77]), np.array([0.55, 0.35, 1.25]))
 TRAIN_TASKS = ("pick_up_cup", "push_button", "put_rubbish_in_bin", "phone_on_base", "take_lid_off_saucepan")
 HELDOUT_TASKS = ("stack_blocks", "reach_target", "slide_block_to_target")
 KINDS = ("waypoint", "state", "movement", "waypoint_open")      # built from demonstrations
+SCENE = "scene"                                                  # built by scene_samples
 PROBE = "probe"                                                  # built by probe_samples
+ALL_KINDS = KINDS + (SCENE, PROBE)
 LETTERS = "ABCD"
 
 
@@ -234,16 +236,16 @@ def fmt_xyz(p):
 
 
 def make_prompt(kind, instruction, current_xyz, options=(), question=None):
-    """The paper's prompt: the header, the current position (all kinds but state), then the question:
-    multiple choice with `options`, or open (waypoint_open; or any other `question`, answered freely)."""
+    """The paper's prompt: the header, the current position (all kinds but state and scene), then the
+    question (`question`, or the kind's own): multiple choice with `options`, else open (answered freely)."""
     text = HEADER.format(task=instruction)
-    if kind != "state":
+    if kind not in ("state", SCENE):
         text += STATE_BLOCK.format(xyz=fmt_xyz(current_xyz))
-    if kind == "waypoint_open" or question is not None:
+    if not options:
         example = "[x, y, z]" if question is None else "[your answer]"
         return text + "## Question\n" + (question or QUESTIONS["waypoint"]) + "\n" + OUTPUT_FORMAT.format(example=example)
     lines = "\n".join(f"[[{LETTERS[i]}]] {o}" for i, o in enumerate(options))
-    return (text + "## Choice Question\n" + QUESTIONS[kind] + "\nChoose the most accurate option:\n" + lines + "\n"
+    return (text + "## Choice Question\n" + (question or QUESTIONS[kind]) + "\nChoose the most accurate option:\n" + lines + "\n"
             + OUTPUT_FORMAT.format(example="[[A]]"))
 
 
@@ -267,6 +269,54 @@ def probe_samples(n, seed=0):
             f"[[{L}]] {c}" for L, c in zip(LETTERS, PROBE_COLOURS)) + "\n" + OUTPUT_FORMAT.format(example="[[A]]")
         out.append(Sample(f"probe/{i:05d}", PROBE, PROBE, image, prompt, list(PROBE_COLOURS), LETTERS[k],
                           PROBE_COLOURS[k]))
+    return out
+
+
+SCENE_QUESTIONS = {
+    "object": "Where is the {name}? (the centre of its base, [x, y, z])",
+    "height": "How high above the table is the gripper's tool centre point?",
+}
+
+
+def scene_samples(episodes, every=10, seed=0):
+    """Scene questions from the simulator's ground truth (SimInfo), for pre-training a small model: what a
+    pre-trained VLM brings to Robot-R1 (where things are, how high the hand is) and none of Robot-R1's
+    own kinds. Per used frame:
+      object   where is the task's object? options: positions of bodies in the same task's scenes,
+               drawn like matched distractors (_matched_positions), this frame's other bodies among them
+      height   how high above the table is the gripper? options: heights at the task's other frames
+    The prompt carries no current position (it would give the height away). Letters balanced per
+    question, deterministic for (episodes, seed)."""
+    by_task, out = {}, []
+    for ep in episodes:
+        if ep.sim is None:
+            raise ValueError(f"episode {ep.id}: scene questions need the simulator's ground truth (Episode.sim)")
+        by_task.setdefault(ep.task, []).append(ep)
+    slots = [(ep, t) for ep in episodes for t in range(0, len(ep.positions), every)]
+    letters = np.random.default_rng([seed, 2]).permutation(np.resize(np.arange(4), 2 * len(slots)))
+    pools = {task: (np.concatenate([e.sim.body_xyz[::every].reshape(-1, 3) for e in eps]),
+                    np.concatenate([e.positions[::every, 2] for e in eps]) - TABLE_Z) for task, eps in by_task.items()}
+    for j, (ep, t) in enumerate(slots):
+        bodies, heights = pools[ep.task]
+        rng = np.random.default_rng([seed, 3, j])
+        where = ep.sim.body_xyz[t, ep.sim.bodies.index(ep.sim.target)]
+        others = _matched_positions(rng, where, np.concatenate([ep.sim.body_xyz[t], bodies]))
+        h = ep.positions[t, 2] - TABLE_Z
+        picked = [f"{h:.3f} m"]
+        for i in rng.permutation(len(heights)):
+            if all(abs(heights[i] - float(o.split()[0])) >= MATCHED_GAP for o in picked):
+                picked.append(f"{heights[i]:.3f} m")
+        for q, (question, answer, wrong, target) in enumerate((
+                ("object", fmt_xyz(where), others, [round(float(v), 3) for v in where]),
+                ("height", picked[0], picked[1:4], round(float(h), 3)))):
+            if wrong is None or len(wrong) < 3:
+                continue                        # too few distinct values in this task's scenes
+            right = int(letters[2 * j + q])
+            options = list(wrong[:right]) + [answer] + list(wrong[right:3])
+            text = SCENE_QUESTIONS[question].format(name=ep.sim.target_name)
+            out.append(Sample(f"{ep.id}/t{t}/scene_{question}", ep.task, SCENE, ep.images[t],
+                              make_prompt(SCENE, ep.instruction, ep.positions[t], options, question=text), options,
+                              LETTERS[right], target, {"question": question, "episode": ep.id, "frame": t}))
     return out
 
 
@@ -448,11 +498,13 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
 
 
 def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False, distractors="matched"):
-    """build_samples for the demonstration kinds, plus, when 'probe' is among the kinds, probe questions:
-    as many as all the others together, or 512 on their own."""
-    demo_kinds = [k for k in kinds if k != PROBE]
+    """build_samples for the demonstration kinds, scene_samples for 'scene', plus, when 'probe' is among
+    the kinds, probe questions: as many as all the others together, or 512 on their own."""
+    demo_kinds = [k for k in kinds if k in KINDS]
     samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress,
                             distractors=distractors) if demo_kinds else []
+    if SCENE in kinds:
+        samples += scene_samples(episodes, every, seed)
     if PROBE in kinds:
         samples += probe_samples(len(samples) or 512, seed)
     return samples
@@ -506,8 +558,8 @@ def load_samples(folder):
             for key, typ in REQUIRED.items():
                 if not isinstance(rec.get(key), typ):
                     raise ValueError(f"{path}:{line_no}: field {key!r} missing or not a {typ.__name__}")
-            if rec["kind"] not in KINDS + (PROBE,):
-                raise ValueError(f"{path}:{line_no}: kind {rec['kind']!r} is not one of {KINDS + (PROBE,)}")
+            if rec["kind"] not in ALL_KINDS:
+                raise ValueError(f"{path}:{line_no}: kind {rec['kind']!r} is not one of {ALL_KINDS}")
             image = folder / rec["image"]
             if not image.exists():
                 raise FileNotFoundError(f"{path}:{line_no}: image {image} does not exist")
@@ -565,7 +617,7 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         tasks: built-in task names (with --rlbench: RLBench task folders; empty = all found).
         episodes: demonstrations per built-in task.
         out: output folder (samples.jsonl, images/, manifest.json, preview.png).
-        kinds: question kinds: waypoint, state, movement, waypoint_open, probe.
+        kinds: question kinds: waypoint, state, movement, waypoint_open; scene (pre-training, simulator only), probe.
         every: take every n-th frame as a current frame.
         seed: seed of the demonstrations and the questions.
         rlbench: read demonstrations from this RLBench dataset folder instead of simulating.
@@ -578,7 +630,7 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     problems = [m for ok, m in (
         (episodes >= 1, f"--episodes {episodes}: must be at least 1"),
         (every >= 1, f"--every {every}: must be at least 1"),
-        (kinds and set(kinds) <= set(KINDS + (PROBE,)), f"--kinds {' '.join(kinds)}: choose from {' '.join(KINDS + (PROBE,))}"),
+        (kinds and set(kinds) <= set(ALL_KINDS), f"--kinds {' '.join(kinds)}: choose from {' '.join(ALL_KINDS)}"),
         (rlbench is not None or set(tasks) <= set(TASKS), f"--tasks: unknown {sorted(set(tasks) - set(TASKS))}; "
                                                           f"built-in tasks: {' '.join(TASKS)}"),
         (rlbench is None or Path(rlbench).is_dir(), f"--rlbench {rlbench}: no such folder"),

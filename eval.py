@@ -544,6 +544,7 @@ def evaluate(model, proc, cfg, rank=0, world=1, device="cpu", judge_cfg=None, na
     eps = [e for t in data.TRAIN_TASKS + data.HELDOUT_TASKS for e in data.generate_episodes(t, cfg["episodes"], cfg["seed"])]
     if "choice" in cfg["sections"]:
         qs = data.build_samples(eps, data.KINDS, every=cfg["every"], seed=cfg["seed"], distractors=cfg["distractors"])
+        qs += data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []   # the experiment's
         qs = (qs + data.probe_samples(32, cfg["seed"]))[rank::world]        # the tiny preset's sanity task
         texts, lengths = answers(model, proc, qs, cfg["max_new_tokens"], cfg["batch_size"], device, f"{name}: choice", rank == 0)
         result["choice"] = score_choice(qs, texts, lengths)
@@ -763,8 +764,10 @@ def line_chart(panels, path, x_label="", width=1100, panel_height=300, smooth=10
     return img
 
 
-def bar_chart(title, categories, series, path, width=1000, height=420, y_max=None):
-    """Grouped bars: categories along x, one bar per series name {name: [value per category]}."""
+def bar_chart(title, categories, series, path, width=1000, height=420, y_max=None, spread=None, lines=None):
+    """Grouped bars: categories along x, one bar per series name {name: [value per category]}; `spread`
+    {name: [(low, high) per category]} draws whiskers, `lines` {name: [value per category]} a dashed
+    level across each category (a reference, such as the best text-only rule)."""
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -785,16 +788,149 @@ def bar_chart(title, categories, series, path, width=1000, height=420, y_max=Non
                 continue
             x = left + c * slot + slot * 0.1 + s * bar
             draw.rectangle([x, sy(v), x + bar - 2, y1], fill=PALETTE[s % len(PALETTE)])
-            draw.text((x + bar / 2, sy(v) - 3), _label(v), fill="black", font=small, anchor="mb")
+            lo, hi = (spread or {}).get(name, [(None, None)] * len(categories))[c]
+            if lo is not None:
+                mid = x + bar / 2 - 1
+                draw.line([mid, sy(lo), mid, sy(hi)], fill="black", width=2)
+                for y in (lo, hi):
+                    draw.line([mid - bar / 5, sy(y), mid + bar / 5, sy(y)], fill="black", width=2)
+            draw.text((x + bar / 2 + (bar / 5 if lo is not None else 0), sy(v if lo is None else hi) - 3), _label(v),
+                      fill="black", font=small, anchor="mb")
+        for level in ((lines or {}).values()):
+            if level[c] is not None:
+                x0 = left + c * slot + slot * 0.05
+                for x in np.arange(x0, x0 + slot * 0.9, 12):
+                    draw.line([x, sy(level[c]), min(x + 7, x0 + slot * 0.9), sy(level[c])], fill=(90, 90, 90), width=2)
         draw.text((left + (c + 0.5) * slot, y1 + 8), cat, fill="black", font=small, anchor="mt")
     draw.rectangle([left, y0, right, y1], outline="black")
     for s, name in enumerate(series):
         draw.rectangle([right + 15, y0 + 10 + 20 * s, right + 30, y0 + 22 + 20 * s], fill=PALETTE[s % len(PALETTE)])
         draw.text((right + 38, y0 + 16 + 20 * s), name, fill="black", font=small, anchor="lm")
+    for k, name in enumerate(lines or {}):
+        y = y0 + 16 + 20 * (len(series) + k)
+        draw.line([right + 15, y, right + 30, y], fill=(90, 90, 90), width=2)
+        draw.text((right + 38, y), name, fill="black", font=small, anchor="lm")
     img.save(path)
     return img
 
 
+# ----------------------------------------------------------------------------------------------------
+# The experiment: GRPO against SFT from one base model, in miniature (python eval.py experiment)
+# ----------------------------------------------------------------------------------------------------
+ARMS = ("base", "sft", "grpo")
+ROBOT_R1_KINDS = ("waypoint", "state", "movement")
+
+
+def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0, 1, 2), model: str = "small",
+               pretrain_steps: int = 300, steps: int = 100, train_episodes: int = 12, episodes: int = 2,
+               loop_episodes: int = 2, every: int = 10):
+    """Robot-R1's claim in miniature (Kim et al., Robot-R1, arXiv 2506.00070, Tables 2-3: SFT gains on the
+    training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Per seed:
+      base   a preset model pre-trained by SFT on scene questions (data.scene_samples: where objects are,
+             how high the hand is; never Robot-R1's kinds), which stands in for a VLM's general knowledge
+      sft    the base, fine-tuned on Robot-R1's questions' correct answers  (grpo.py --algorithm sft)
+      grpo   the base, trained with GRPO and the paper's reward               (grpo.py)
+    Both arms: the same questions (5 training tasks), `steps` optimizer steps of 16 prompts. Then all
+    three are evaluated (eval.py's multiple choice and closed loop, In and Out), and summary.md,
+    summary.json and summary.png give the mean and range over seeds beside the best text-only rule.
+    Every stage is a run folder of its own: an interrupted experiment continues where it stopped.
+
+    Args:
+        out: experiment folder: seed_N/{base,sft,grpo} runs, seed_N/report, summary.*
+        seeds: one experiment per seed (data, weights, sampling).
+        model: preset the base starts from.
+        pretrain_steps: SFT steps on scene questions for the base.
+        steps: optimizer steps of each arm.
+        train_episodes: training demonstrations per task (5 tasks), for the scene and Robot-R1 questions.
+        episodes: evaluation demonstrations per task.
+        loop_episodes: closed-loop episodes per task.
+        every: evaluation questions at every n-th frame.
+    """
+    import grpo
+    problems = [m for ok, m in (
+        (model in M.PRESETS, f"--model {model}: the experiment starts from a preset: {' '.join(M.PRESETS)}"),
+        (seeds, "--seeds: give at least one"),
+        (min(pretrain_steps, steps, train_episodes, episodes, every) >= 1,
+         "--pretrain_steps, --steps, --train_episodes, --episodes, --every: each at least 1"),
+        (loop_episodes >= 0, f"--loop_episodes {loop_episodes}: must be at least 0")) if not ok]
+    if problems:
+        raise data.UserError("; ".join(problems))
+    data.check_writable(out)
+    cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=1000, max_new_tokens=24,
+               batch_size=32, sections=("choice", "loop") if loop_episodes else ("choice",), distractors="matched",
+               scene=True)
+    for seed in seeds:
+        runs = out / f"seed_{seed}"
+        stages = {"base": grpo.Config(model=model, algorithm="sft", kinds=(data.SCENE,), steps=pretrain_steps,
+                                      episodes=train_episodes, format_warmup=0)}
+        for arm in ("sft", "grpo"):
+            stages[arm] = grpo.Config(model=str(runs / "base" / "final"), preset="tiny", algorithm=arm,
+                                      kinds=ROBOT_R1_KINDS, steps=steps, episodes=train_episodes, format_warmup=0)
+        for arm, c in stages.items():
+            if not (runs / arm / "final").exists():
+                c.out, c.seed, c.overwrite, c.log_samples = runs / arm, seed, True, 2
+                grpo.main(c)
+        report = runs / "report"
+        if not (report / "report.json").exists():
+            results, eps = [], None
+            for arm in ARMS:
+                policy, proc = load_policy(str(runs / arm / "final"))
+                result, eps = evaluate(policy, proc, cfg, name=f"seed {seed} {arm}")
+                results.append(result)
+            write_report(list(ARMS), results, eps, cfg, report)
+    return summarise_experiment(out, seeds)
+
+
+def summarise_experiment(out, seeds):
+    """summary.json / .md / .png: per arm and 'kind/split', the mean and range over seeds; training's own
+    signals (GRPO's zero-variance groups, SFT's last loss) beside them."""
+    import grpo
+    reports = [json.loads((out / f"seed_{s}" / "report" / "report.json").read_text()) for s in seeds]
+    keys = [f"{k}/{split}" for k in ROBOT_R1_KINDS + (data.SCENE,) for split in ("In", "Out")]
+    rows = {}
+    for a, arm in enumerate(ARMS):
+        per_seed = lambda get: [get(r["summary"][a]) for r in reports]
+        stats = {k: per_seed(lambda s: s["choice"].get(k)) for k in keys}
+        stats["format"] = per_seed(lambda s: s["format"])
+        for split, tasks in (("In", data.TRAIN_TASKS), ("Out", data.HELDOUT_TASKS)):
+            stats[f"loop/{split}"] = per_seed(lambda s: mean([s["loop"].get(t) for t in tasks]) if s["loop"] else None)
+        rows[arm] = {k: {"mean": mean(v), "min": min(v, default=None), "max": max(v, default=None), "seeds": v}
+                     for k, v in stats.items() for v in [[x for x in v if x is not None]]}
+    train = {}
+    for s in seeds:
+        for arm in ARMS:
+            last = grpo.read_jsonl(out / f"seed_{s}" / arm / "metrics.jsonl")[-20:]
+            train.setdefault(arm, []).append({k: mean([m.get(k) for m in last]) for k in (
+                "loss", "zero_variance_groups", "reward/total")})
+    blind = {k: v[1] for k, v in best_blind(reports[0]["blind"]).items()}
+    summary = {"seeds": list(seeds), "arms": rows, "blind": blind, "training_last_20_steps": train}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    md = [f"# GRPO vs SFT in miniature: {len(seeds)} seed(s), mean [min, max]\n\n",
+          "| question · tasks | " + " | ".join(ARMS) + " | best text-only rule |\n|---|---|---|---|---|\n"]
+    cell = lambda r: "—" if r["mean"] is None else f"{100 * r['mean']:.1f}% [{100 * r['min']:.0f}, {100 * r['max']:.0f}]"
+    for k in keys + ["format", "loop/In", "loop/Out"]:
+        b = f"{100 * blind[k]:.1f}%" if k in blind else "—"
+        md.append(f"| {k.replace('/', ' · ')} | " + " | ".join(cell(rows[a][k]) for a in ARMS) + f" | {b} |\n")
+    md.append("\nTraining, mean of the last 20 steps over seeds: " + "; ".join(
+        f"{arm}: " + ", ".join(f"{k} {mean([t[k] for t in train[arm]]):.3f}" for k in train[arm][0]
+                               if mean([t[k] for t in train[arm]]) is not None) for arm in ARMS) + "\n")
+    (out / "summary.md").write_text("".join(md))
+    cats = [k for k in keys if k.split("/")[0] in ROBOT_R1_KINDS]
+    bar_chart("GRPO vs SFT: accuracy by question kind (chance 0.25); whiskers: range over seeds",
+              [k.replace("/", " ") for k in cats], {a: [rows[a][k]["mean"] for k in cats] for a in ARMS},
+              out / "summary.png", width=1300, y_max=1.0,
+              spread={a: [(rows[a][k]["min"], rows[a][k]["max"]) for k in cats] for a in ARMS},
+              lines={"best text-only rule": [blind.get(k) for k in cats]})
+    print("".join(md))
+    print(f"summary: {out / 'summary.md'} (and summary.json, summary.png)")
+    return summary
+
+
 if __name__ == "__main__":
+    import sys
+
     import tyro
-    data.cli(lambda: tyro.cli(main))
+    if sys.argv[1:2] == ["experiment"]:             # python eval.py experiment [--seeds 0 1 2 ...]
+        data.cli(lambda: tyro.cli(experiment, args=sys.argv[2:]))
+    else:
+        data.cli(lambda: tyro.cli(main))

@@ -46,7 +46,13 @@ class Config:
     """Robot-R1 GRPO. Settings left unset take their preset: the paper's recipe for a real checkpoint,
     a CPU-sized one for a preset model ('tiny')."""
     model: str = "tiny"
-    """preset name ('tiny'), local folder, or hub id such as Qwen/Qwen2.5-VL-7B-Instruct"""
+    """preset name ('tiny', 'small'), local folder, or hub id such as Qwen/Qwen2.5-VL-7B-Instruct"""
+    algorithm: Literal["grpo", "sft"] = "grpo"
+    """'grpo': Robot-R1's RL; 'sft': supervised fine-tuning on the same questions' correct answers (the
+    paper's SFT baseline), with the same steps, prompts per step and optimizer steps as GRPO"""
+    preset: Literal["auto", "paper", "tiny"] = "auto"
+    """the defaults for unset settings: 'paper' (a real checkpoint), 'tiny' (CPU-sized); 'auto': tiny's
+    for a preset model, the paper's for anything else (a folder a CPU run exported wants 'tiny')"""
     dataset: str = "tabletop"
     """'tabletop' (the built-in simulator; written to OUT/data) or a dataset folder written by data.py"""
     tasks: tuple[str, ...] = data.TRAIN_TASKS
@@ -66,7 +72,7 @@ class Config:
     """run folder: metrics, curves, completions, checkpoints, final export"""
     seed: int = 0
     group_size: int | None = None
-    """G, completions per prompt [paper 5, tiny 8]"""
+    """G, completions per prompt [paper 5, tiny 8]; SFT trains on one, the correct answer"""
     temperature: float = 1.0
     top_p: float = 0.99
     rollout_prompts: int | None = None
@@ -154,7 +160,7 @@ RESUMABLE_CHANGES = ("steps", "epochs", "save_every", "log_samples", "export", "
 
 def resolve(cfg: Config) -> Config:
     """Fill unset settings from the preset that fits the model, and check every one of them."""
-    preset = TINY if cfg.model in M.PRESETS else PAPER
+    preset = TINY if cfg.preset == "tiny" or (cfg.preset == "auto" and cfg.model in M.PRESETS) else PAPER
     cfg = Config(**{f.name: getattr(cfg, f.name) if getattr(cfg, f.name) is not None else preset.get(f.name)
                     for f in fields(cfg)})
     check(cfg)
@@ -171,7 +177,7 @@ def check(cfg: Config):
         v = getattr(cfg, name)
         return math.isfinite(v) and lo(v) and hi(v), f"--{name} {v}: must be {what}"
     rules = [
-        (cfg.group_size >= 2, f"--group_size {cfg.group_size}: GRPO compares a prompt's samples with each other, "
+        (cfg.group_size >= 2 or cfg.algorithm == "sft", f"--group_size {cfg.group_size}: GRPO compares a prompt's samples with each other, "
                               "so it needs at least 2"),
         *(positive(n) for n in ("rollout_prompts", "update_prompts", "micro_prompts", "gen_prompts",
                                 "max_new_tokens", "max_prompt_len", "save_every", "max_bad_steps", "episodes")),
@@ -192,8 +198,8 @@ def check(cfg: Config):
         between("beta", lambda v: v >= 0, lambda v: True, ">= 0"),
         between("weight_decay", lambda v: v >= 0, lambda v: True, ">= 0"),
         (all(0 <= b < 1 for b in cfg.betas), f"--betas {cfg.betas}: each must be in [0, 1)"),
-        (cfg.kinds and set(cfg.kinds) <= set(data.KINDS + (data.PROBE,)),
-         f"--kinds {' '.join(cfg.kinds or ())}: choose from {' '.join(data.KINDS + (data.PROBE,))}"),
+        (cfg.kinds and set(cfg.kinds) <= set(data.ALL_KINDS),
+         f"--kinds {' '.join(cfg.kinds or ())}: choose from {' '.join(data.ALL_KINDS)}"),
         (cfg.tasks and set(cfg.tasks) <= set(data.TASKS),
          f"--tasks {' '.join(cfg.tasks)}: built-in tasks are {' '.join(data.TASKS)}"),
         (cfg.distractors in data.DISTRACTORS, f"--distractors {cfg.distractors}: choose from {' '.join(data.DISTRACTORS)}"),
@@ -250,6 +256,15 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
              "clip_low": ((clipped * (A < 0)).sum() / n).item(), "clip_high": ((clipped * (A > 0)).sum() / n).item(),
              "dual_clip": ((dual * m).sum() / n).item(), "ratio": ((ratio * m).sum() / n).item()}
     return loss, stats
+
+
+def sft_loss(logp, mask, loss_agg="token"):
+    """Supervised fine-tuning's objective: the negative log-likelihood of the written completions, averaged
+    like grpo_loss ('token' or 'sequence'). -> loss, stats"""
+    m = mask.float()
+    nll = -(logp * m).sum() / m.sum().clamp_min(1) if loss_agg == "token" else \
+        (-(logp * m).sum(1) / m.sum(1).clamp_min(1)).mean()
+    return nll, {"loss": nll.item()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,6 +348,11 @@ def compute_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def uses_ref(cfg):
+    """GRPO's KL term needs the frozen start model; SFT has none."""
+    return cfg.beta > 0 and cfg.algorithm == "grpo"
+
+
 def build_models(cfg, questions, device, rank, log):
     """The policy (trained) and the reference (frozen, None when beta = 0), placed for this run's ranks.
 
@@ -348,7 +368,7 @@ def build_models(cfg, questions, device, rank, log):
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if mesh is not None and cfg.model not in M.PRESETS:
         policy, processor = M.load_sharded(cfg.model, mesh, torch.float32, cfg.checkpointing, **fsdp)
-        ref = M.load_sharded(cfg.model, mesh, low, **fsdp)[0] if cfg.beta > 0 else None
+        ref = M.load_sharded(cfg.model, mesh, low, **fsdp)[0] if uses_ref(cfg) else None
         processor = M.with_pixels(processor, cfg.min_pixels, cfg.max_pixels)
     else:
         torch.manual_seed(cfg.seed)
@@ -358,7 +378,7 @@ def build_models(cfg, questions, device, rank, log):
             format_warmup(policy, processor, questions, cfg, device, log)
             if rank == 0 and cfg.export:            # the starting point eval.py compares against
                 M.save_hf(policy.state_dict(), policy.config, processor, cfg.out / "start")
-        ref = copy.deepcopy(policy) if cfg.beta > 0 else None
+        ref = copy.deepcopy(policy) if uses_ref(cfg) else None
         if cfg.checkpointing:
             M.apply_checkpointing(policy)
         for m in (policy, ref):
@@ -388,13 +408,8 @@ def format_warmup(model, processor, questions, cfg, device, log):
         chunk = [questions[i] for i in rng.choice(len(questions), min(16, len(questions)), replace=False)]
         answers = [f"[[{rng.choice(list(data.LETTERS))}]]" if q.options else data.fmt_xyz(rng.uniform(*data.WORKSPACE))
                    for q in chunk]
-        texts = [f"<think> the gripper </think> <answer> {a} </answer>" for a in answers]
-        ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + processor.eos_ids[:1] for t in texts]
-        T = max(map(len, ids))
-        tokens = torch.tensor([i + [processor.pad_id] * (T - len(i)) for i in ids], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i in ids], device=device)
-        logp = model.completion_logprobs(processor.encode(chunk, cfg.max_prompt_len).to(device), tokens, mask)
-        loss = -(logp * mask).sum() / mask.sum()
+        batch, tokens, mask, _ = micro_batch(written(chunk, answers, processor, device), processor, cfg, device)
+        loss, _ = sft_loss(model.completion_logprobs(batch, tokens, mask), mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -410,7 +425,7 @@ def format_warmup(model, processor, questions, cfg, device, log):
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class Group:
-    """One prompt and its G completions."""
+    """One prompt and its G completions (SFT: one, written, not sampled)."""
     question: data.Sample
     tokens: torch.Tensor        # (G, T)
     mask: torch.Tensor          # (G, T)
@@ -450,6 +465,24 @@ def rollout(policy, engine, processor, questions, seeds, cfg, device):
     return groups
 
 
+ANSWER = "<think> the gripper </think> <answer> {} </answer>"
+
+
+def correct_answer(q):
+    return f"[[{q.answer}]]" if q.options else q.answer
+
+
+def written(questions, answers, processor, device):
+    """Phase 1 of SFT (and of the format warm-up): each question with a completion written for it, the
+    answer in Robot-R1's format, as a group of one; padded to a common width. Teacher forcing trains on it."""
+    ids = [processor.tokenizer(ANSWER.format(a), add_special_tokens=False)["input_ids"] + processor.eos_ids[:1]
+           for a in answers]
+    T = max(map(len, ids))
+    return [Group(q, torch.tensor([i + [processor.pad_id] * (T - len(i))], device=device),
+                  torch.tensor([[1] * len(i) + [0] * (T - len(i))], device=device), [ANSWER.format(a)],
+                  advantages=torch.ones(1, device=device)) for q, i, a in zip(questions, ids, answers)]
+
+
 def score(groups, weights):
     """Phase 2: every completion's reward components and their weighted total (reward.py)."""
     for g in groups:
@@ -472,7 +505,7 @@ def update(policy, ref, opt, groups, processor, cfg, device, world, state):
     """Optimizer steps over this rank's rollout, `update_prompts` (all ranks) at a time. -> mean stats"""
     per_rank = cfg.update_prompts // world
     n_steps = len(groups) // per_rank
-    if n_steps > 1:                                     # later steps need the rollout policy's log-probs
+    if n_steps > 1 and cfg.algorithm == "grpo":         # later steps need the rollout policy's log-probs
         old_logprobs(policy, groups, processor, cfg, device)
     totals, grad_norms = {}, []
     for u in range(n_steps):
@@ -515,7 +548,7 @@ def optimizer_step(policy, ref, opt, part, processor, cfg, device, world, state,
     or sequences, counted over all ranks) times the world size, since FSDP averages gradients over
     ranks: the sum over micro-batches and ranks is then exactly the update batch's mean.
     """
-    G = cfg.group_size
+    G = part[0].tokens.shape[0]                         # completions per group (SFT: 1)
     # DAPO's filter: groups with no signal leave the loss (their rows still run, keeping ranks in step)
     keep = [not (cfg.filter_groups and bool((g.advantages == 0).all())) for g in part]
     tokens, seqs = all_sum([float(sum(int(g.mask.sum()) for g, k in zip(part, keep) if k)),
@@ -531,9 +564,12 @@ def optimizer_step(policy, ref, opt, part, processor, cfg, device, world, state,
             with torch.no_grad():
                 ref_logp = ref.completion_logprobs(batch, comp, mask, cfg.temperature)
         logp, ent = policy.completion_logprobs(batch, comp, mask, cfg.temperature, return_entropy=True)
-        old = logp.detach() if on_policy else torch.cat([g.old_logp[:, :comp.shape[1]] for g in groups])
-        loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
-                             cfg.beta, cfg.loss_agg)
+        if cfg.algorithm == "sft":
+            loss, st = sft_loss(logp, loss_mask, cfg.loss_agg)
+        else:
+            old = logp.detach() if on_policy else torch.cat([g.old_logp[:, :comp.shape[1]] for g in groups])
+            loss, st = grpo_loss(logp, old, ref_logp, adv, loss_mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip,
+                                 cfg.beta, cfg.loss_agg)
         count = float(loss_mask.sum()) if cfg.loss_agg == "token" else float((loss_mask.sum(1) > 0).sum())
         (loss * (count / total * world)).backward()
         step_loss += st["loss"] * count / total
@@ -572,12 +608,14 @@ def rollout_stats(groups, device):
         s[0] += float(value)
         s[1] += 1.0
     for g in groups:
-        for score, m in zip(g.scores, g.mask):
-            for comp, v in score.items():
-                add(f"reward/{comp}", v)
-            add(f"acc/{g.question.kind}", score.get("choice" if g.question.options else "l1", 0.0))
+        for score, m in zip(g.scores or [None] * len(g.mask), g.mask):
+            if score is not None:                   # SFT's written completions are not scored
+                for comp, v in score.items():
+                    add(f"reward/{comp}", v)
+                add(f"acc/{g.question.kind}", score.get("choice" if g.question.options else "l1", 0.0))
             add("length", m.sum())
-        add("zero_variance_groups", all(s["total"] == g.scores[0]["total"] for s in g.scores))
+        if g.scores:
+            add("zero_variance_groups", all(s["total"] == g.scores[0]["total"] for s in g.scores))
     names = sorted(sums)
     if dist.is_initialized():                       # ranks may have drawn different question kinds
         every = [None] * dist.get_world_size()
@@ -685,11 +723,14 @@ def plot_curves(metrics_path, png_path):
     rows = read_jsonl(metrics_path, lambda *a: None)
     series = lambda prefix: {k[len(prefix):] or k: [(r["step"], r[k]) for r in rows if k in r]
                              for k in sorted({k for r in rows for k in r if k.startswith(prefix)})}
+    grpo = any("reward/total" in r for r in rows)
+    keys = ("kl", "entropy") if grpo else ("loss", "entropy")
+    last = ("KL to the start model, entropy" if grpo else "SFT loss, entropy",
+            {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys})
     line_chart([("reward (mean over completions)", series("reward/")),
                 ("answer accuracy by question kind", series("acc/")),
                 ("completion length (tokens)", {"length": [(r["step"], r["length"]) for r in rows]}),
-                ("KL to the start model, entropy", {k: [(r["step"], r[k]) for r in rows if k in r]
-                                                    for k in ("kl", "entropy")})], png_path, x_label="step")
+                last], png_path, x_label="step")
 
 
 def record(metrics, groups, cfg, bar, seconds):
@@ -699,8 +740,9 @@ def record(metrics, groups, cfg, bar, seconds):
     log_completions(cfg.out / "completions.jsonl", metrics["step"], groups, cfg.log_samples)
     plot_curves(cfg.out / "metrics.jsonl", cfg.out / "curves.png")
     acc = [v for k, v in metrics.items() if k.startswith("acc/")]
-    bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{sum(acc) / max(len(acc), 1):.2f}",
-                    len=f"{metrics['length']:.0f}", s=f"{seconds:.1f}")
+    shown = dict(reward=f"{metrics['reward/total']:.2f}", acc=f"{sum(acc) / max(len(acc), 1):.2f}") if acc else \
+        dict(loss=f"{metrics['loss']:.3f}")
+    bar.set_postfix(**shown, len=f"{metrics['length']:.0f}", s=f"{seconds:.1f}")
 
 
 def resume(policy, opt, cfg, device, rank, log):
@@ -719,7 +761,7 @@ def log_completions(path, step, groups, n):
         for g in groups[:n]:
             q = g.question
             f.write(json.dumps({"step": step, "id": q.id, "kind": q.kind, "image": str(q.image), "answer": q.answer,
-                                "text": g.texts[0], "reward": g.scores[0]}) + "\n")
+                                "text": g.texts[0], "reward": g.scores[0] if g.scores else None}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -913,21 +955,26 @@ def train(cfg, questions, rank, world, device, weights, log):
     from tqdm import tqdm
     out = cfg.out
     policy, ref, processor = build_models(cfg, questions, device, rank, log)
-    engine = sampler(policy, cfg, device)
+    engine = sampler(policy, cfg, device) if cfg.algorithm == "grpo" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     state = resume(policy, opt, cfg, device, rank, log) if cfg.resume else {"step": -1, "bad_streak": 0, "skipped": 0}
     total = cfg.steps or math.ceil(cfg.epochs * len(questions) / cfg.rollout_prompts)
-    log(f"{len(questions)} questions, {total} steps of {cfg.rollout_prompts} prompts x {cfg.group_size} samples "
+    per_prompt = f"x {cfg.group_size} samples" if cfg.algorithm == "grpo" else "with their answers"
+    log(f"{len(questions)} questions, {total} {cfg.algorithm.upper()} steps of {cfg.rollout_prompts} prompts {per_prompt} "
         f"on {world} {device.type} rank(s); model {cfg.model}; run folder {out}")
-    bar = tqdm(range(state["step"] + 1, total), desc="GRPO", unit="step", disable=rank != 0,
+    bar = tqdm(range(state["step"] + 1, total), desc=cfg.algorithm.upper(), unit="step", disable=rank != 0,
                initial=state["step"] + 1, total=total)
     for step in bar:
         t0 = time.time()
         peak_memory(device)                             # starts this step's count
         idx, seeds = step_questions(len(questions), step, cfg, rank, world)
-        groups = rollout(policy, engine, processor, [questions[i] for i in idx], seeds, cfg, device)  # 1. rollout
-        score(groups, weights)                                                                         # 2. reward
-        advantages(groups, cfg, device)                                                                # 3. advantage
+        chosen = [questions[i] for i in idx]
+        if cfg.algorithm == "grpo":
+            groups = rollout(policy, engine, processor, chosen, seeds, cfg, device)                    # 1. rollout
+            score(groups, weights)                                                                     # 2. reward
+            advantages(groups, cfg, device)                                                            # 3. advantage
+        else:                                                                         # SFT: 1. the answers
+            groups = written(chosen, [correct_answer(q) for q in chosen], processor, device)
         t1, gb1 = time.time(), peak_memory(device)
         stats = update(policy, ref, opt, groups, processor, cfg, device, world, state)                 # 4. update
         stats = dict(zip(stats, (v / world for v in all_sum(list(stats.values()), device))))

@@ -171,6 +171,30 @@ def test_dataset_folder_round_trip_and_preview(tmp_path, episodes):
     assert sheet.size[0] > 1000 and np.asarray(sheet).std() > 10
 
 
+def test_scene_questions_ask_about_the_scene_never_robot_r1s_kinds(episodes):
+    """The experiment's pre-training questions (data.scene_samples) must not teach the three kinds GRPO
+    and SFT are compared on: no Robot-R1 question, no current position (it would give the height away)."""
+    qs = data.scene_samples(episodes, seed=4)
+    assert len(qs) > 1000 and {q.kind for q in qs} == {data.SCENE}
+    robot_r1 = list(data.QUESTIONS.values()) + ["## Current Robot State"]
+    assert not [q.id for q in qs if any(text in q.prompt for text in robot_r1)]
+    assert Counter(q.meta["question"] for q in qs).keys() == set(data.SCENE_QUESTIONS)
+    counts = Counter(q.answer for q in qs)
+    assert max(counts.values()) - min(counts.values()) <= 2, counts          # letters balanced
+    by_id = {ep.id: ep for ep in episodes}
+    for q in qs:
+        ep, t = by_id[q.meta["episode"]], q.meta["frame"]
+        assert len(set(q.options)) == 4
+        chosen = q.options[data.LETTERS.index(q.answer)]
+        if q.meta["question"] == "object":
+            where = ep.sim.body_xyz[t, ep.sim.bodies.index(ep.sim.target)]
+            assert chosen == data.fmt_xyz(where) and ep.sim.target_name in q.prompt
+            xyz = np.array([json.loads(o) for o in q.options])
+            assert min(np.linalg.norm(a - b) for i, a in enumerate(xyz) for b in xyz[i + 1:]) >= data.MATCHED_GAP - 1e-3
+        else:
+            assert chosen == f"{ep.positions[t, 2] - data.TABLE_Z:.3f} m"
+
+
 def test_probe_answers_are_in_the_image_alone():
     qs = data.probe_samples(40, seed=2)
     assert {q.prompt.split("<image>")[1] for q in qs} == {qs[0].prompt.split("<image>")[1]}    # one text for all

@@ -152,3 +152,34 @@ def test_unreachable_judge_stops_eval_before_any_answer_within_seconds(tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "error: --judge_url http://127.0.0.1:1/v1: the judge does not answer (ConnectionRefusedError" in p.stderr
     assert time.time() - t0 < 60 and not (tmp_path / "r" / "report.json").exists()
+
+
+def test_experiment_pipeline_writes_every_promised_file(tmp_path):
+    """python eval.py experiment at a toy size: base (pre-trained on scene questions only), the SFT and
+    GRPO arms from it with one budget, three evaluations, the summary over seeds; run again, it reuses
+    every finished stage."""
+    out = tmp_path / "exp"
+    kw = dict(out=out, seeds=(0,), model="tiny", pretrain_steps=2, steps=2, train_episodes=1, episodes=1,
+              loop_episodes=0, every=60)
+    summary = E.experiment(**kw)
+    runs = out / "seed_0"
+    for arm in E.ARMS:
+        assert (runs / arm / "final" / "model.safetensors").exists() and (runs / arm / "curves.png").exists()
+    assert {json.loads(l)["kind"] for l in (runs / "base" / "data" / "samples.jsonl").read_text().splitlines()} \
+        == {data.SCENE}                                   # pre-training never sees Robot-R1's kinds
+    for arm in ("sft", "grpo"):
+        assert {json.loads(l)["kind"] for l in (runs / arm / "data" / "samples.jsonl").read_text().splitlines()} \
+            == set(E.ROBOT_R1_KINDS)
+    arms = {arm: json.loads((runs / arm / "config.json").read_text()) for arm in ("sft", "grpo")}
+    same = ("steps", "rollout_prompts", "update_prompts", "lr", "seed", "episodes", "tasks", "distractors")
+    assert [arms["sft"][k] for k in same] == [arms["grpo"][k] for k in same]
+    assert arms["sft"]["model"] == arms["grpo"]["model"] == str(runs / "base" / "final")
+    for f in ("report.md", "report.json", "choice.png"):
+        assert (runs / "report" / f).exists()
+    for f in ("summary.md", "summary.json", "summary.png"):
+        assert (out / f).exists()
+    assert set(summary["arms"]) == set(E.ARMS) and "waypoint/In" in summary["arms"]["grpo"]
+    assert "| waypoint · In |" in (out / "summary.md").read_text()
+    stamp = (runs / "grpo" / "final" / "model.safetensors").stat().st_mtime
+    E.experiment(**kw)
+    assert (runs / "grpo" / "final" / "model.safetensors").stat().st_mtime == stamp

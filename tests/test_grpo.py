@@ -80,6 +80,20 @@ def test_presets_and_config_checks():
         grpo.resolve(grpo.Config(rollout_prompts=10, update_prompts=4))
 
 
+def test_sft_loss_is_the_mean_negative_log_likelihood():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert grpo.sft_loss(logp, mask, "token")[0].item() == pytest.approx(7 / 3)
+    assert grpo.sft_loss(logp, mask, "sequence")[0].item() == pytest.approx((1.5 + 4) / 2)
+
+
+def test_a_cpu_runs_folder_takes_the_tiny_preset_when_asked():
+    c = grpo.resolve(grpo.Config(model="runs/experiment/seed_0/base/final", preset="tiny", algorithm="sft",
+                                 group_size=1))
+    assert (c.lr, c.rollout_prompts, c.max_new_tokens) == (1e-3, 16, 24)
+    assert grpo.resolve(grpo.Config(model="runs/x/final")).lr == 1e-6                 # auto: the paper's
+
+
 # --- runs ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def probe_folder(tmp_path_factory):
@@ -121,6 +135,21 @@ def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_p
     assert start < 0.4, f"starts near chance: {runs[False][:5]}"
     assert learned > 0.45, f"GRPO should learn the probe: last accuracies {runs[False][-20:]}"
     assert flipped < 0.1, f"flipped advantages must not learn: last accuracies {runs[True][-20:]}"
+
+
+def test_sft_learns_the_answers_it_is_shown(tmp_path, probe_folder):
+    """--algorithm sft: the correct completion of each question, teacher-forced through the same update
+    (micro-batches, clipping, skip rule). From random weights its loss falls from ~log(vocab) within a
+    dozen steps (measured: 6.6 -> 1.7), and the run writes GRPO's records (no rewards: nothing is sampled)."""
+    c = small(tmp_path / "sft", probe_folder, algorithm="sft", steps=12, rollout_prompts=16, update_prompts=8,
+              micro_prompts=4, format_warmup=0, save_every=100)
+    grpo.main(c)
+    rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and not any(k.startswith("reward/") for r in rows for k in r)
+    assert rows[0]["loss"] > 5 and rows[-1]["loss"] < rows[0]["loss"] / 3, [r["loss"] for r in rows]
+    assert (c.out / "curves.png").exists() and (c.out / "final" / "model.safetensors").exists()
+    shown = json.loads((c.out / "completions.jsonl").read_text().splitlines()[0])
+    assert shown["text"] == f"<think> the gripper </think> <answer> [[{shown['answer']}]] </answer>"
 
 
 def params(folder):
