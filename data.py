@@ -8,6 +8,8 @@ closes), then ask
   state      "here is the image: which option is the current position?"
   movement   "which movement phrase ('move down, slightly move left') gets us to the next keypoint?"
   waypoint_open  the waypoint question with no options: write [x, y, z] yourself.
+Beside them, two kinds that are not Robot-R1's: scene (where objects are, how high the hand is: the
+simulator's ground truth, for pre-training a small base model) and probe (a CPU sanity question).
 Positions are the end-effector xyz in RLBench's world frame (metres, origin at the table's corner of
 the room; the table-surface centre is [0.25, 0, 0.752]; +X toward the front camera, +Y right, +Z up).
 

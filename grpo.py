@@ -3,6 +3,7 @@
     python grpo.py                                             # tiny model, built-in tabletop data, CPU
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct
     python grpo.py --help                                      # every setting, with the paper's defaults
+    python grpo.py --algorithm sft                             # the paper's SFT baseline, the same loop
 
 One step, as the code below reads (the numbers: Robot-R1, arXiv 2506.00070, and EasyR1's defaults it used):
   1. rollout    `rollout_prompts` questions, G completions each (sample.py); every rank samples its share
@@ -13,6 +14,8 @@ One step, as the code below reads (the numbers: Robot-R1, arXiv 2506.00070, and 
   5. record     metrics.jsonl, curves.png, completions.jsonl, checkpoints/, and at the end final/
 GRPO needs no value network: the G samples of a prompt are each other's baseline. A group where every
 sample scored the same (all right or all wrong) has zero advantage and teaches nothing.
+SFT (--algorithm sft) runs the same loop with phases 1-3 replaced by each question's correct answer,
+written out, and the loss by its negative log-likelihood: one budget, one code path, two algorithms.
 """
 from __future__ import annotations
 
