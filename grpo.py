@@ -180,8 +180,8 @@ def check(cfg: Config):
         v = getattr(cfg, name)
         return math.isfinite(v) and lo(v) and hi(v), f"--{name} {v}: must be {what}"
     rules = [
-        (cfg.group_size >= 2 or cfg.algorithm == "sft", f"--group_size {cfg.group_size}: GRPO compares a prompt's samples with each other, "
-                              "so it needs at least 2"),
+        (cfg.group_size >= 2 or cfg.algorithm == "sft",
+         f"--group_size {cfg.group_size}: GRPO compares a prompt's samples with each other, so it needs at least 2"),
         *(positive(n) for n in ("rollout_prompts", "update_prompts", "micro_prompts", "gen_prompts",
                                 "max_new_tokens", "max_prompt_len", "save_every", "max_bad_steps", "episodes")),
         *(positive(n, 0) for n in ("format_warmup", "log_samples")),

@@ -81,7 +81,7 @@ def test_judge_client_speaks_the_openai_chat_protocol():
 
 
 def test_report_has_every_section_and_is_deterministic(tmp_path):
-    kw = dict(model="tiny", episodes=1, loop_episodes=2, max_new_tokens=12, batch_size=64)
+    kw = dict(model="tiny", episodes=1, loop_episodes=2, max_new_tokens=12, batch_size=64, every=20)
     E.main(out=tmp_path / "a", compare="tiny", **kw)
     E.main(out=tmp_path / "b", compare=None, **kw)
     a = json.loads((tmp_path / "a" / "report.json").read_text())

@@ -139,14 +139,19 @@ def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_p
 
 def test_sft_learns_the_answers_it_is_shown(tmp_path, probe_folder):
     """--algorithm sft: the correct completion of each question, teacher-forced through the same update
-    (micro-batches, clipping, skip rule). From random weights its loss falls from ~log(vocab) within a
-    dozen steps (measured: 6.6 -> 1.7), and the run writes GRPO's records (no rewards: nothing is sampled)."""
-    c = small(tmp_path / "sft", probe_folder, algorithm="sft", steps=12, rollout_prompts=16, update_prompts=8,
-              micro_prompts=4, format_warmup=0, save_every=100)
+    (micro-batches, clipping, skip rule). From random weights the loss falls from ~log(vocab), first to
+    the format's floor: a model that writes the template perfectly but guesses the letter pays log(4)
+    on one of the answer's tokens, log(4) / length per token. Below that floor it reads the letter off
+    the image (the probe's answer is in the image alone). Measured: 6.6 -> 0.02 in 80 optimizer steps of 8 prompts;
+    the floor is 0.14. The run writes GRPO's records (no rewards: nothing is sampled)."""
+    c = small(tmp_path / "sft", probe_folder, algorithm="sft", steps=40, rollout_prompts=16, update_prompts=8,
+              micro_prompts=8, format_warmup=0, save_every=100)
     grpo.main(c)
     rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and not any(k.startswith("reward/") for r in rows for k in r)
-    assert rows[0]["loss"] > 5 and rows[-1]["loss"] < rows[0]["loss"] / 3, [r["loss"] for r in rows]
+    assert len(rows) == 40 and not any(k.startswith("reward/") for r in rows for k in r)
+    losses = [r["loss"] for r in rows]
+    floor = math.log(4) / rows[-1]["length"]
+    assert losses[0] > 5 and max(losses[-3:]) < floor / 2, (floor, losses)
     assert (c.out / "curves.png").exists() and (c.out / "final" / "model.safetensors").exists()
     shown = json.loads((c.out / "completions.jsonl").read_text().splitlines()[0])
     assert shown["text"] == f"<think> the gripper </think> <answer> [[{shown['answer']}]] </answer>"
