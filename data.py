@@ -257,9 +257,9 @@ PROBE_COLOURS = ("red", "green", "blue", "yellow")
 def probe_samples(n, seed=0):
     """A sanity task beside Robot-R1's questions: "what colour is the mat on the table?", with the
     options in a fixed order, so that the answer is in the image alone. It is a scene-wide cue: the
-    tiny preset (1M parameters, random start) learns it within minutes of GRPO on a CPU, which it
-    does not for Robot-R1's questions (it also does not for a small coloured block: measured, see the
-    README). Real checkpoints train without it."""
+    tiny preset (1.3M parameters, random start) learns it within minutes of GRPO on a CPU, which it
+    does not for Robot-R1's questions, nor the small preset for where an object is (the README's
+    "GRPO against SFT, in miniature"). Real checkpoints train without it."""
     rng = np.random.default_rng([seed, 31])
     out = []
     for i in range(n):

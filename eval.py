@@ -831,6 +831,7 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
              how high the hand is; never Robot-R1's kinds), which stands in for a VLM's general knowledge
       sft    the base, fine-tuned on Robot-R1's questions' correct answers  (grpo.py --algorithm sft)
       grpo   the base, trained with GRPO and the paper's reward               (grpo.py)
+
     Both arms: the same questions (5 training tasks), `steps` optimizer steps of 16 prompts. Then all
     three are evaluated (eval.py's multiple choice and closed loop, In and Out), and summary.md,
     summary.json and summary.png give the mean and range over seeds beside the best text-only rule.
@@ -920,12 +921,11 @@ def summarise_experiment(out, seeds):
         f"{arm}: " + ", ".join(f"{k} {mean([t[k] for t in train[arm]]):.3f}" for k in train[arm][0]
                                if mean([t[k] for t in train[arm]]) is not None) for arm in ARMS) + "\n")
     (out / "summary.md").write_text("".join(md))
-    cats = [k for k in keys if k.split("/")[0] in ROBOT_R1_KINDS]
-    bar_chart("GRPO vs SFT: accuracy by question kind (chance 0.25); whiskers: range over seeds",
-              [k.replace("/", " ") for k in cats], {a: [rows[a][k]["mean"] for k in cats] for a in ARMS},
-              out / "summary.png", width=1300, y_max=1.0,
-              spread={a: [(rows[a][k]["min"], rows[a][k]["max"]) for k in cats] for a in ARMS},
-              lines={"best text-only rule": [blind.get(k) for k in cats]})
+    bar_chart("GRPO vs SFT: accuracy by question kind (chance 0.25; scene: the base's pre-training); "
+              "whiskers: range over seeds", [k.replace("/", " ") for k in keys],
+              {a: [rows[a][k]["mean"] for k in keys] for a in ARMS}, out / "summary.png", width=1500, y_max=1.0,
+              spread={a: [(rows[a][k]["min"], rows[a][k]["max"]) for k in keys] for a in ARMS},
+              lines={"best text-only rule": [blind.get(k) for k in keys]})
     print("".join(md))
     print(f"summary: {out / 'summary.md'} (and summary.json, summary.png)")
     return summary
