@@ -254,6 +254,8 @@ for step in range(2):
     M.copy_weights(twin, policy)
 assert engine.slots[12][0] is cache                                  # one cache (and graph set) for both calls
 open({out!r} + f"/ok{{rank}}", "w").close()
+dist.barrier()                          # both ranks done, then a clean shutdown (gloo's threads outlive a bare exit)
+dist.destroy_process_group()
 """
 
 
@@ -285,6 +287,8 @@ for name, p in sharded.named_parameters():
 for name, b in sharded.named_buffers():                 # computed at construction, not read from the files
     assert torch.equal(b, dict(plain.named_buffers())[name]), name
 open({out!r} + f"/ok{{dist.get_rank()}}", "w").close()
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
