@@ -142,8 +142,8 @@ def test_sft_learns_the_answers_it_is_shown(tmp_path, probe_folder):
     (micro-batches, clipping, skip rule). From random weights the loss falls from ~log(vocab), first to
     the format's floor: a model that writes the template perfectly but guesses the letter pays log(4)
     on one of the answer's tokens, log(4) / length per token. Below that floor it reads the letter off
-    the image (the probe's answer is in the image alone). Measured: 6.6 -> 0.02 in 80 optimizer steps of 8 prompts;
-    the floor is 0.14. The run writes GRPO's records (no rewards: nothing is sampled)."""
+    the image (the probe's answer is in the image alone). Measured: 6.6 -> 0.02 in 80 optimizer steps
+    of 8 prompts; the floor is 0.14. The run writes GRPO's records (no rewards: nothing is sampled)."""
     c = small(tmp_path / "sft", probe_folder, algorithm="sft", steps=40, rollout_prompts=16, update_prompts=8,
               micro_prompts=8, format_warmup=0, save_every=100)
     grpo.main(c)
