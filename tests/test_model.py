@@ -197,8 +197,9 @@ def squares(n, seed):
         x, y = int(rng.integers(0, 56 - s)) + 56 * (k % 2), int(rng.integers(0, 56 - s)) + 56 * (k // 2)
         image = Image.new("RGB", (112, 112), (128, 128, 128))
         ImageDraw.Draw(image).rectangle([x, y, x + s, y + s], fill=(255, 255, 255))
-        prompt = "<image>\nWhere is the white square?\n" + "\n".join(f"[[{a}]] {p}" for a, p in zip(data.LETTERS, places))
-        out.append(data.Sample(f"square/{i}", "square", data.SCENE, image, prompt, list(places), data.LETTERS[k], places[k]))
+        options = "\n".join(f"[[{a}]] {p}" for a, p in zip(data.LETTERS, places))
+        out.append(data.Sample(f"square/{i}", "square", data.SCENE, image, "<image>\nWhere is the white square?\n"
+                               + options, list(places), data.LETTERS[k], places[k]))
     return out
 
 
