@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # Triton picks the interpreter when a kernel is defined, so this must precede every import of kernels.py.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -31,3 +32,11 @@ def hf_kwargs(ref, batch):
     if "mm_token_type_ids" in inspect.signature(ref.forward).parameters:
         kw["mm_token_type_ids"] = (batch.input_ids == ref.config.image_token_id).int()
     return kw
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Training runs take kernels.py's chunked-PyTorch path: test_kernels.py holds it and the Triton
+    kernels (interpreted there) to float64, and the interpreter would make these runs several times slower."""
+    import kernels
+    monkeypatch.setattr(kernels, "INTERPRET", False)

@@ -21,12 +21,7 @@ import reward
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    """Training runs take kernels.py's chunked-PyTorch path: test_kernels.py holds it and the Triton
-    kernels (interpreted there) to float64, and the interpreter would make these runs several times slower."""
-    import kernels
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+pytestmark = pytest.mark.usefixtures("torch_kernels")      # training runs: conftest.torch_kernels
 
 
 # --- the loss -----------------------------------------------------------------------------------------

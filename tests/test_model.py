@@ -203,20 +203,19 @@ def squares(n, seed):
     return out
 
 
+@pytest.mark.usefixtures("torch_kernels")
 @pytest.mark.parametrize("rope_theta, learns", [(4.0, True), (1e4, False)])
 def test_a_small_model_learns_where_only_when_mrope_resolves_the_image_grid(rope_theta, learns, monkeypatch):
     """M-RoPE tells attention an image token's row and column only through rotary frequencies, and Qwen2.5-VL
     gives rows (h) the middle and columns (w) the slowest of them. With head_dim 32, sections 4/6/6 and the
     presets' rope_theta 1e4, one row turns h's fastest pair by 0.1 rad and one column turns w's by 0.003 rad:
     left and right look the same. At rope_theta 4 they turn by 0.71 and 0.42 rad. The same SFT from scratch
-    on squares() then reaches >= 90% on unseen images (by step 400 with these seeds), and at 1e4 stays
-    at chance for 600 steps: small models learn *where* only when the frequencies resolve the grid (the README's "GRPO
-    against SFT, in miniature")."""
+    on squares() then reaches >= 90% on unseen images (by step 400 with these seeds), and at 1e4 stays at
+    chance for 600 steps: small models learn *where* only when the frequencies resolve the grid (the README's
+    "GRPO against SFT, in miniature")."""
     import data
     import grpo
-    import kernels
     monkeypatch.setitem(M.PRESETS["tiny"]["text"], "rope_theta", rope_theta)
-    monkeypatch.setattr(kernels, "INTERPRET", False)    # log-probs by torch, as a CPU run of grpo.py: 3x faster
     torch.manual_seed(0)
     policy, proc = M.load("tiny", seed=0)
     train, test = squares(256, seed=0), squares(64, seed=1)
@@ -224,7 +223,7 @@ def test_a_small_model_learns_where_only_when_mrope_resolves_the_image_grid(rope
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
 
-    def logprobs(questions, answers):                   # (questions,) summed over the written answer
+    def logprobs(questions, answers):                   # -> (questions, T) log-probs of [[answer]], mask
         groups = grpo.written(questions, [f"[[{a}]]" for a in answers], proc, "cpu")
         mask = torch.cat([x.mask for x in groups])
         return policy.completion_logprobs(proc.encode(questions), torch.cat([x.tokens for x in groups]), mask), mask
