@@ -9,7 +9,8 @@ closes), then ask
   movement   "which movement phrase ('move down, slightly move left') gets us to the next keypoint?"
   waypoint_open  the waypoint question with no options: write [x, y, z] yourself.
 Beside them, two kinds that are not Robot-R1's: scene (where objects are, how high the hand is: the
-simulator's ground truth, for pre-training a small base model) and probe (a CPU sanity question).
+simulator's ground truth, for pre-training a small base model) and probe (a CPU sanity question; as
+probe_shuffled, with its options in a random order).
 Positions are the end-effector xyz in RLBench's world frame (metres, origin at the table's corner of
 the room; the table-surface centre is [0.25, 0, 0.752]; +X toward the front camera, +Y right, +Z up).
 
@@ -53,7 +54,9 @@ HELDOUT_TASKS = ("stack_blocks", "reach_target", "slide_block_to_target")
 KINDS = ("waypoint", "state", "movement", "waypoint_open")      # built from demonstrations
 SCENE = "scene"                                                  # built by scene_samples
 PROBE = "probe"                                                  # built by probe_samples
-ALL_KINDS = KINDS + (SCENE, PROBE)
+PROBE_SHUFFLED = "probe_shuffled"                                # the same, its options in a random order
+PROBES = (PROBE, PROBE_SHUFFLED)                                 # need no demonstrations
+ALL_KINDS = KINDS + (SCENE,) + PROBES
 LETTERS = "ABCD"
 
 
@@ -254,23 +257,29 @@ def make_prompt(kind, instruction, current_xyz, options=(), question=None):
 PROBE_COLOURS = ("red", "green", "blue", "yellow")
 
 
-def probe_samples(n, seed=0):
+def probe_samples(n, seed=0, shuffled=False):
     """A sanity task beside Robot-R1's questions: "what colour is the mat on the table?", with the
     options in a fixed order, so that the answer is in the image alone. It is a scene-wide cue: the
     tiny preset (1.3M parameters, random start) learns it within minutes of GRPO on a CPU, which it
     does not for Robot-R1's questions, nor the small preset for where an object is (the README's
-    "GRPO against SFT, in miniature"). Real checkpoints train without it."""
+    "GRPO against SFT, in miniature"). Real checkpoints train without it.
+    shuffled: the options in a random order per question (kind probe_shuffled), as in every other
+    kind: the model must find the option that names the colour and answer with that option's letter.
+    The same images and colours; the README's "GRPO against SFT, in miniature" measures the difference."""
     rng = np.random.default_rng([seed, 31])
+    kind = PROBE_SHUFFLED if shuffled else PROBE
     out = []
     for i in range(n):
         k = int(rng.integers(4))
         mat = _box("mat", [0.2 + rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05), TABLE_Z], (0.55, 0.8, 0.005),
                    COLOURS[PROBE_COLOURS[k]])
         image = render([mat], rng.uniform([0.0, -0.25, 0.85], [0.45, 0.25, 1.1]), True)
+        order = np.random.default_rng([seed, 32, i]).permutation(4) if shuffled else range(4)   # own stream:
+        options = [PROBE_COLOURS[j] for j in order]                                   # the same images either way
         prompt = "<image>\nWhat colour is the mat on the table?\nChoose the most accurate option:\n" + "\n".join(
-            f"[[{L}]] {c}" for L, c in zip(LETTERS, PROBE_COLOURS)) + "\n" + OUTPUT_FORMAT.format(example="[[A]]")
-        out.append(Sample(f"probe/{i:05d}", PROBE, PROBE, image, prompt, list(PROBE_COLOURS), LETTERS[k],
-                          PROBE_COLOURS[k]))
+            f"[[{L}]] {c}" for L, c in zip(LETTERS, options)) + "\n" + OUTPUT_FORMAT.format(example="[[A]]")
+        right = options.index(PROBE_COLOURS[k])
+        out.append(Sample(f"{kind}/{i:05d}", PROBE, kind, image, prompt, options, LETTERS[right], options[right]))
     return out
 
 
@@ -441,7 +450,7 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown question kind {k!r} for demonstrations; choose from {KINDS} "
-                             "(probe questions come from probe_samples)")
+                             "(probe and probe_shuffled questions come from probe_samples)")
     slots = []                                 # (episode index, frame, keypoint frame)
     skipped = fallbacks = 0
     moments = {t: _Moments.of([ep for ep in episodes if ep.task == t]) for t in dict.fromkeys(ep.task for ep in episodes)} \
@@ -500,15 +509,18 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
 
 
 def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False, distractors="matched"):
-    """build_samples for the demonstration kinds, scene_samples for 'scene', plus, when 'probe' is among
-    the kinds, probe questions: as many as all the others together, or 512 on their own."""
+    """build_samples for the demonstration kinds, scene_samples for 'scene', plus, for 'probe' and
+    'probe_shuffled' among the kinds, probe questions: as many as all the others together, or 512 on their
+    own (each)."""
     demo_kinds = [k for k in kinds if k in KINDS]
     samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress,
                             distractors=distractors) if demo_kinds else []
     if SCENE in kinds:
         samples += scene_samples(episodes, every, seed)
-    if PROBE in kinds:
-        samples += probe_samples(len(samples) or 512, seed)
+    others = len(samples)
+    for kind in PROBES:
+        if kind in kinds:
+            samples += probe_samples(others or 512, seed, shuffled=kind == PROBE_SHUFFLED)
     return samples
 
 
@@ -619,7 +631,8 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         tasks: built-in task names (with --rlbench: RLBench task folders; empty = all found).
         episodes: demonstrations per built-in task.
         out: output folder (samples.jsonl, images/, manifest.json, preview.png).
-        kinds: question kinds: waypoint, state, movement, waypoint_open; scene (pre-training, simulator only), probe.
+        kinds: question kinds: waypoint, state, movement, waypoint_open; scene (pre-training, simulator only),
+            probe, probe_shuffled.
         every: take every n-th frame as a current frame.
         seed: seed of the demonstrations and the questions.
         rlbench: read demonstrations from this RLBench dataset folder instead of simulating.
@@ -642,7 +655,7 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     check_writable(out)
     if rlbench is not None:
         eps = load_rlbench(rlbench, list(tasks) if tasks != TRAIN_TASKS else None, variation)
-    elif any(k != PROBE for k in kinds):
+    elif any(k not in PROBES for k in kinds):
         eps = [ep for task in tqdm(tasks, desc="demonstrating", unit="task")
                for ep in generate_episodes(task, episodes, seed)]
     else:

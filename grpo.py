@@ -63,9 +63,9 @@ class Config:
     episodes: int | None = None
     """tabletop demonstrations per task [paper 50, tiny 12; unused by the probe]"""
     kinds: tuple[str, ...] | None = None
-    """question kinds: waypoint, state, movement, waypoint_open, and probe (data.probe_samples: an
-    image-dependent sanity question a tiny model can learn on a CPU) [paper: waypoint state movement;
-    tiny: probe]"""
+    """question kinds: waypoint, state, movement, waypoint_open, scene, and probe (data.probe_samples: an
+    image-dependent sanity question a tiny model can learn on a CPU; probe_shuffled: its options in a random
+    order) [paper: waypoint state movement; tiny: probe]"""
     distractors: str = "matched"
     """tabletop questions' wrong options: 'matched' (from the answers' own distribution, so that only the
     image tells the answer) or 'uniform' (the paper's rule, which text alone mostly sees through)"""
@@ -285,7 +285,7 @@ def load_questions(cfg, rank):
             json.loads(manifest.read_text()).get("built_from") == built_from
         if not current:
             shutil.rmtree(folder, ignore_errors=True)
-            demos = any(k != data.PROBE for k in cfg.kinds)
+            demos = any(k not in data.PROBES for k in cfg.kinds)
             eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)] if demos else []
             samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True, distractors=cfg.distractors)
             data.save_samples(samples, folder, {"built_from": built_from})

@@ -205,6 +205,21 @@ def test_probe_answers_are_in_the_image_alone():
         assert (np.abs(px - rgb).sum(1) < 90).mean() > 0.2
 
 
+def test_the_shuffled_probe_is_the_same_question_with_its_letters_to_find():
+    fixed, shuffled = data.probe_samples(400, seed=2), data.probe_samples(400, seed=2, shuffled=True)
+    assert {q.kind for q in shuffled} == {"probe_shuffled"} and {q.task for q in shuffled} == {"probe"}
+    for f, s in zip(fixed, shuffled):             # the same picture and colour, the options reordered
+        assert np.array_equal(np.asarray(f.image), np.asarray(s.image)) and f.target == s.target
+        assert sorted(s.options) == sorted(data.PROBE_COLOURS) and s.options[data.LETTERS.index(s.answer)] == s.target
+        assert f"[[{s.answer}]] {s.target}\n" in s.prompt
+    # a colour no longer names its letter: each colour's answers spread over the four letters
+    for colour in data.PROBE_COLOURS:
+        letters = Counter(q.answer for q in shuffled if q.target == colour)
+        assert len(letters) == 4 and max(letters.values()) < 0.4 * sum(letters.values()), (colour, letters)
+    both = data.make_questions([], ("probe", "probe_shuffled"))
+    assert len(both) == 1024 and len({q.id for q in both}) == 1024
+
+
 # --- the simulator ------------------------------------------------------------------------------------
 def test_every_distinct_image_gets_its_own_file(tmp_path):
     rng = np.random.default_rng(0)

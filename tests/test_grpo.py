@@ -152,6 +152,23 @@ def test_sft_learns_the_answers_it_is_shown(tmp_path, probe_folder):
     assert shown["text"] == f"<think> the gripper </think> <answer> [[{shown['answer']}]] </answer>"
 
 
+def test_sft_does_not_find_the_letter_when_the_options_are_shuffled(tmp_path):
+    """The probe with its options in a random order (kind probe_shuffled): the same images and colours,
+    but the answer's letter is no longer a function of the colour; the model must find the option that
+    names it. The SFT run above takes the fixed-order probe below half the format's floor in 40 steps;
+    the same 40 steps here end above the floor (measured: 0.165 against 0.139), still learning the
+    template with the letter guessed. Measured over 600 steps in the README's "GRPO against SFT, in
+    miniature": it stays on the floor, and every other multiple-choice kind has its options shuffled."""
+    folder = tmp_path / "shuffled"
+    data.save_samples(data.probe_samples(192, 0, shuffled=True), folder, progress=False)
+    c = small(tmp_path / "sft", folder, algorithm="sft", kinds=("probe_shuffled",), steps=40, rollout_prompts=16,
+              update_prompts=8, micro_prompts=8, format_warmup=0, save_every=100, export=False)
+    grpo.main(c)
+    rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
+    losses, floor = [r["loss"] for r in rows], math.log(4) / rows[-1]["length"]
+    assert losses[0] > 5 and min(losses[-5:]) > 0.8 * floor, (floor, losses)
+
+
 def params(folder):
     return load_file(Path(folder) / "final" / "model.safetensors")
 
