@@ -274,8 +274,9 @@ def probe_samples(n, seed=0, shuffled=False):
         mat = _box("mat", [0.2 + rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05), TABLE_Z], (0.55, 0.8, 0.005),
                    COLOURS[PROBE_COLOURS[k]])
         image = render([mat], rng.uniform([0.0, -0.25, 0.85], [0.45, 0.25, 1.1]), True)
-        order = np.random.default_rng([seed, 32, i]).permutation(4) if shuffled else range(4)   # own stream:
-        options = [PROBE_COLOURS[j] for j in order]                                   # the same images either way
+        # the order from a stream of its own: the same images and colours, shuffled or not
+        order = np.random.default_rng([seed, 32, i]).permutation(4) if shuffled else range(4)
+        options = [PROBE_COLOURS[j] for j in order]
         prompt = "<image>\nWhat colour is the mat on the table?\nChoose the most accurate option:\n" + "\n".join(
             f"[[{L}]] {c}" for L, c in zip(LETTERS, options)) + "\n" + OUTPUT_FORMAT.format(example="[[A]]")
         right = options.index(PROBE_COLOURS[k])
