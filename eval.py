@@ -546,7 +546,8 @@ def evaluate(model, proc, cfg, rank=0, world=1, device="cpu", judge_cfg=None, na
     if "choice" in cfg["sections"]:
         qs = data.build_samples(eps, data.KINDS, every=cfg["every"], seed=cfg["seed"], distractors=cfg["distractors"])
         qs += data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []   # the experiment's
-        qs = (qs + data.probe_samples(32, cfg["seed"]))[rank::world]        # the tiny preset's sanity task
+        probes = [q for shuffled in (False, True) for q in data.probe_samples(32, cfg["seed"], shuffled)]
+        qs = (qs + probes)[rank::world]                                     # the tiny preset's sanity tasks
         texts, lengths = answers(model, proc, qs, cfg["max_new_tokens"], cfg["batch_size"], device, f"{name}: choice", rank == 0)
         result["choice"] = score_choice(qs, texts, lengths)
     if "bench" in cfg["sections"]:
@@ -824,7 +825,7 @@ ROBOT_R1_KINDS = ("waypoint", "state", "movement")
 
 def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0, 1, 2), model: str = "small",
                pretrain_steps: int = 300, steps: int = 100, train_episodes: int = 12, episodes: int = 2,
-               loop_episodes: int = 2, every: int = 10, lr: float = 1e-4):
+               loop_episodes: int = 2, every: int = 10, lr: float = 1e-4, think: str = "gripper"):
     """Robot-R1's claim in miniature (Kim et al., Robot-R1, arXiv 2506.00070, Tables 2-3: SFT gains on the
     training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Per seed:
       base   a preset model pre-trained by SFT on scene questions (data.scene_samples: where objects are,
@@ -849,6 +850,8 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
         every: evaluation questions at every n-th frame.
         lr: both arms' learning rate. At 1e-3 (the tiny preset's) GRPO broke the small base's answer format
             within 10 steps (format rate 100% -> 0%, every group's reward 0, no recovery); at 1e-4 it holds.
+        think: what the base's and the SFT arm's written completions think (grpo.py --think): 'gripper', or
+            'option', the text of the option they name.
     """
     import grpo
     problems = [m for ok, m in (
@@ -867,11 +870,11 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     for seed in seeds:
         runs = out / f"seed_{seed}"
         stages = {"base": grpo.Config(model=model, algorithm="sft", kinds=(data.SCENE,), steps=pretrain_steps,
-                                      episodes=train_episodes, format_warmup=0)}
+                                      episodes=train_episodes, format_warmup=0, think=think)}
         for arm in ("sft", "grpo"):
             stages[arm] = grpo.Config(model=str(runs / "base" / "final"), preset="tiny", algorithm=arm,
                                       kinds=ROBOT_R1_KINDS, steps=steps, episodes=train_episodes, format_warmup=0,
-                                      lr=lr)
+                                      lr=lr, think=think)
         for arm, c in stages.items():
             if not (runs / arm / "final").exists():
                 c.out, c.seed, c.overwrite, c.log_samples = runs / arm, seed, True, 2

@@ -122,6 +122,10 @@ class Config:
     """activation checkpointing per block [paper on, tiny off]"""
     format_warmup: int | None = None
     """preset models only: supervised steps on the answer format with random letters [tiny 100, real 0]"""
+    think: Literal["gripper", "option"] = "gripper"
+    """what written completions (SFT, format warm-up) put between <think> and </think>: 'gripper', the fixed
+    words 'the gripper'; 'option', the text of the option the answer names (a one-line rationale: the letter
+    becomes a lookup of what was just written; README, 'finding the letter')"""
     save_every: int = 10
     """checkpoint every n steps (and at the end)"""
     resume: bool = False
@@ -206,6 +210,7 @@ def check(cfg: Config):
         (cfg.tasks and set(cfg.tasks) <= set(data.TASKS),
          f"--tasks {' '.join(cfg.tasks)}: built-in tasks are {' '.join(data.TASKS)}"),
         (cfg.distractors in data.DISTRACTORS, f"--distractors {cfg.distractors}: choose from {' '.join(data.DISTRACTORS)}"),
+        (cfg.think in ("gripper", "option"), f"--think {cfg.think}: choose gripper or option"),
         (not (cfg.min_pixels and cfg.max_pixels) or 0 < cfg.min_pixels <= cfg.max_pixels,
          f"--min_pixels {cfg.min_pixels} and --max_pixels {cfg.max_pixels}: need 0 < min <= max"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: choose one"),
@@ -399,7 +404,8 @@ def format_warmup(model, processor, questions, cfg, device, log):
     """A random-weight model cannot write '<think> .. </think> <answer> [[X]] </answer>' by chance, so
     GRPO would see only zero rewards. Real checkpoints bring this from instruction tuning; a preset
     model gets it here, by supervised steps on that format with the letter X drawn at random: it
-    learns how to answer, not what (its answers stay at chance, 25%)."""
+    learns how to answer, not what (its answers stay at chance, 25%). With --think option the thought is
+    the text of X's option, so the warm-up also teaches the lookup from a thought to its letter."""
     rng = np.random.default_rng([cfg.seed, 77])
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     # The learning rate decays to 0 and the gradient norm is clipped: at a constant 5e-3, Adam's last steps
@@ -411,7 +417,8 @@ def format_warmup(model, processor, questions, cfg, device, log):
         chunk = [questions[i] for i in rng.choice(len(questions), min(16, len(questions)), replace=False)]
         answers = [f"[[{rng.choice(list(data.LETTERS))}]]" if q.options else data.fmt_xyz(rng.uniform(*data.WORKSPACE))
                    for q in chunk]
-        batch, tokens, mask, _ = micro_batch(written(chunk, answers, processor, device), processor, cfg, device)
+        groups = written(chunk, answers, processor, device, cfg.think)
+        batch, tokens, mask, _ = micro_batch(groups, processor, cfg, device)
         loss, _ = sft_loss(model.completion_logprobs(batch, tokens, mask), mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -468,22 +475,32 @@ def rollout(policy, engine, processor, questions, seeds, cfg, device):
     return groups
 
 
-ANSWER = "<think> the gripper </think> <answer> {} </answer>"
+ANSWER = "<think> {} </think> <answer> {} </answer>"
 
 
 def correct_answer(q):
     return f"[[{q.answer}]]" if q.options else q.answer
 
 
-def written(questions, answers, processor, device):
+def rationale(q, answer, think="gripper"):
+    """The thought a written completion gives before `answer` (--think): 'gripper', the fixed words 'the
+    gripper'; 'option', the text of the option the answer names ('[[B]]' -> q.options[1]), or an open
+    answer itself."""
+    if think == "gripper":
+        return "the gripper"
+    return q.options[data.LETTERS.index(answer[2])] if q.options else answer
+
+
+def written(questions, answers, processor, device, think="gripper"):
     """Phase 1 of SFT (and of the format warm-up): each question with a completion written for it, the
-    answer in Robot-R1's format, as a group of one; padded to a common width. Teacher forcing trains on it."""
-    ids = [processor.tokenizer(ANSWER.format(a), add_special_tokens=False)["input_ids"] + processor.eos_ids[:1]
-           for a in answers]
+    answer in Robot-R1's format after its rationale, as a group of one; padded to a common width. Teacher
+    forcing trains on it."""
+    texts = [ANSWER.format(rationale(q, a, think), a) for q, a in zip(questions, answers)]
+    ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + processor.eos_ids[:1] for t in texts]
     T = max(map(len, ids))
     return [Group(q, torch.tensor([i + [processor.pad_id] * (T - len(i))], device=device),
-                  torch.tensor([[1] * len(i) + [0] * (T - len(i))], device=device), [ANSWER.format(a)],
-                  advantages=torch.ones(1, device=device)) for q, i, a in zip(questions, ids, answers)]
+                  torch.tensor([[1] * len(i) + [0] * (T - len(i))], device=device), [t],
+                  advantages=torch.ones(1, device=device)) for q, i, t in zip(questions, ids, texts)]
 
 
 def score(groups, weights):
@@ -977,7 +994,7 @@ def train(cfg, questions, rank, world, device, weights, log):
             score(groups, weights)                                                                     # 2. reward
             advantages(groups, cfg, device)                                                            # 3. advantage
         else:                                                                         # SFT: 1. the answers
-            groups = written(chosen, [correct_answer(q) for q in chosen], processor, device)
+            groups = written(chosen, [correct_answer(q) for q in chosen], processor, device, cfg.think)
         t1, gb1 = time.time(), peak_memory(device)
         stats = update(policy, ref, opt, groups, processor, cfg, device, world, state)                 # 4. update
         stats = dict(zip(stats, (v / world for v in all_sum(list(stats.values()), device))))

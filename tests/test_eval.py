@@ -89,7 +89,7 @@ def test_report_has_every_section_and_is_deterministic(tmp_path):
     assert a["models"] == ["tiny", "tiny"] and b["models"] == ["tiny"]
     assert a["summary"][0] == a["summary"][1] == b["summary"][0]             # deterministic
     s = a["summary"][0]
-    assert {k.split("/")[0] for k in s["choice"]} == {"waypoint", "state", "movement", "probe"}
+    assert {k.split("/")[0] for k in s["choice"]} == {"waypoint", "state", "movement", "probe", "probe_shuffled"}
     assert {k.split("/")[1] for k in s["choice"]} >= {"In", "Out"}
     assert set(s["open"]) == {"waypoint_open/In", "waypoint_open/Out"}
     assert {k.split("/")[0] for k in s["bench"]} == {"movement", "spatial", "planning", "high-level action"}

@@ -73,6 +73,8 @@ def test_presets_and_config_checks():
     assert (real.group_size, real.rollout_prompts, real.update_prompts, real.lr) == (5, 512, 128, 1e-6)
     with pytest.raises(ValueError, match="multiple of --update_prompts"):
         grpo.resolve(grpo.Config(rollout_prompts=10, update_prompts=4))
+    with pytest.raises(ValueError, match="--think why: choose gripper or option"):
+        grpo.resolve(grpo.Config(think="why"))
 
 
 def test_sft_loss_is_the_mean_negative_log_likelihood():
@@ -130,6 +132,22 @@ def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_p
     assert start < 0.4, f"starts near chance: {runs[False][:5]}"
     assert learned > 0.45, f"GRPO should learn the probe: last accuracies {runs[False][-20:]}"
     assert flipped < 0.1, f"flipped advantages must not learn: last accuracies {runs[True][-20:]}"
+
+
+def test_written_completions_think_the_gripper_or_the_option_they_name():
+    """SFT's written completions (and the format warm-up's): --think gripper writes the fixed words, --think
+    option the text of the option the answer names (an open answer, itself), as one tokenization."""
+    _, proc = M.load("tiny")
+    shuffled = data.probe_samples(4, 0, shuffled=True)
+    open_q = data.Sample("open/0", "t", "waypoint_open", None, "where?", [], "[0.100, 0.200, 0.900]", [0.1, 0.2, 0.9])
+    questions, answers = shuffled + [open_q], ["[[A]]", "[[B]]", "[[C]]", "[[D]]", open_q.answer]
+    for think in ("gripper", "option"):
+        groups = grpo.written(questions, answers, proc, "cpu", think)
+        for q, a, g in zip(questions, answers, groups):
+            thought = "the gripper" if think == "gripper" else q.options["ABCD".index(a[2])] if q.options else a
+            assert g.texts == [f"<think> {thought} </think> <answer> {a} </answer>"]
+            assert proc.decode(g.tokens, g.mask) == g.texts
+    assert len({g.texts[0].split(" </think>")[0] for g in groups[:4]}) > 1        # the thought follows the letter
 
 
 def test_sft_learns_the_answers_it_is_shown(tmp_path, probe_folder):
