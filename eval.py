@@ -864,7 +864,9 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     if problems:
         raise data.UserError("; ".join(problems))
     data.check_writable(out)
-    cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=1000, max_new_tokens=24,
+    # an answer is ~10 tokens; a thought that states a position adds ~20 (and GRPO's samples must have room)
+    new_tokens = 24 if think == "gripper" else 48
+    cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=1000, max_new_tokens=new_tokens,
                batch_size=32, sections=("choice", "loop") if loop_episodes else ("choice",), distractors="matched",
                scene=True)
     for seed in seeds:
@@ -874,7 +876,7 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
         for arm in ("sft", "grpo"):
             stages[arm] = grpo.Config(model=str(runs / "base" / "final"), preset="tiny", algorithm=arm,
                                       kinds=ROBOT_R1_KINDS, steps=steps, episodes=train_episodes, format_warmup=0,
-                                      lr=lr, think=think)
+                                      lr=lr, think=think, max_new_tokens=new_tokens)
         for arm, c in stages.items():
             if not (runs / arm / "final").exists():
                 c.out, c.seed, c.overwrite, c.log_samples = runs / arm, seed, True, 2

@@ -405,7 +405,8 @@ def format_warmup(model, processor, questions, cfg, device, log):
     GRPO would see only zero rewards. Real checkpoints bring this from instruction tuning; a preset
     model gets it here, by supervised steps on that format with the letter X drawn at random: it
     learns how to answer, not what (its answers stay at chance, 25%). With --think option the thought is
-    the text of X's option, so the warm-up also teaches the lookup from a thought to its letter."""
+    the text of X's option: the lookup from a thought to its letter is then part of the lesson (on the
+    shuffled probe not learned in 500 steps: README, "GRPO against SFT, in miniature")."""
     rng = np.random.default_rng([cfg.seed, 77])
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     # The learning rate decays to 0 and the gradient norm is clipped: at a constant 5e-3, Adam's last steps
