@@ -136,7 +136,7 @@ def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_p
 
 def test_written_completions_think_the_gripper_or_the_option_they_name():
     """SFT's written completions (and the format warm-up's): --think gripper writes the fixed words, --think
-    option the text of the option the answer names (an open answer, itself), as one tokenization."""
+    option the text of the option the answer names (an open answer, itself); the tokens decode to that text."""
     _, proc = M.load("tiny")
     shuffled = data.probe_samples(4, 0, shuffled=True)
     open_q = data.Sample("open/0", "t", "waypoint_open", None, "where?", [], "[0.100, 0.200, 0.900]", [0.1, 0.2, 0.9])
