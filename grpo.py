@@ -125,7 +125,8 @@ class Config:
     think: Literal["gripper", "option"] = "gripper"
     """what written completions (SFT, format warm-up) put between <think> and </think>: 'gripper', the fixed
     words 'the gripper'; 'option', the text of the option the answer names (a one-line rationale: the letter
-    becomes a lookup of what was just written; README, 'finding the letter')"""
+    becomes a lookup of what was just written; README, 'finding the letter'). A position is ~20 tokens:
+    sampling its thought needs --max_new_tokens ~48 (tiny's 24 fits the probe's colours)"""
     save_every: int = 10
     """checkpoint every n steps (and at the end)"""
     resume: bool = False
