@@ -287,16 +287,34 @@ def probe_samples(n, seed=0, shuffled=False):
 SCENE_QUESTIONS = {
     "object": "Where is the {name}? (the centre of its base, [x, y, z])",
     "height": "How high above the table is the gripper's tool centre point?",
+    "object_region": "Which part of the table is the {name} over?",
+    "gripper_region": "Which part of the table is the gripper over?",
 }
+# The table's quarters as the camera sees them: front = toward the camera (+x, the movement phrases'
+# "forward"), right = the image's right (+y). They meet at the middle of where the tasks place objects.
+REGIONS = ("back left", "back right", "front left", "front right")
+TABLE_MIDDLE = np.array([0.235, 0.0])
+
+
+def table_region(xyz):
+    """The quarter of the table a point is over, or None within MATCHED_GAP of a dividing line (too close
+    to call from the image)."""
+    dx, dy = np.asarray(xyz[:2], float) - TABLE_MIDDLE
+    if min(abs(dx), abs(dy)) < MATCHED_GAP:
+        return None
+    return REGIONS[2 * int(dx > 0) + int(dy > 0)]
 
 
 def scene_samples(episodes, every=10, seed=0):
     """Scene questions from the simulator's ground truth (SimInfo), for pre-training a small model: what a
     pre-trained VLM brings to Robot-R1 (where things are, how high the hand is) and none of Robot-R1's
     own kinds. Per used frame:
-      object   where is the task's object? options: positions of bodies in the same task's scenes,
-               drawn like matched distractors (_matched_positions), this frame's other bodies among them
-      height   how high above the table is the gripper? options: heights at the task's other frames
+      object          where is the task's object? options: positions of bodies in the same task's scenes,
+                      drawn like matched distractors (_matched_positions), this frame's other bodies among them
+      height          how high above the table is the gripper? options: heights at the task's other frames
+      object_region   which quarter of the table is the task's object over? options: the four REGIONS
+      gripper_region  the same for the gripper: the coarse form of "where", learned before coordinates
+                      (the README's "GRPO against SFT, in miniature")
     The prompt carries no current position (it would give the height away). Letters balanced per
     question, deterministic for (episodes, seed)."""
     by_task, out = {}, []
@@ -304,10 +322,10 @@ def scene_samples(episodes, every=10, seed=0):
         if ep.sim is None:
             raise ValueError(f"episode {ep.id}: scene questions need the simulator's ground truth (Episode.sim)")
         by_task.setdefault(ep.task, []).append(ep)
-    slots = [(ep, t) for ep in episodes for t in range(0, len(ep.positions), every)]
-    letters = np.random.default_rng([seed, 2]).permutation(np.resize(np.arange(4), 2 * len(slots)))
     pools = {task: (np.concatenate([e.sim.body_xyz[::every].reshape(-1, 3) for e in eps]),
                     np.concatenate([e.positions[::every, 2] for e in eps]) - TABLE_Z) for task, eps in by_task.items()}
+    drafts = {question: [] for question in SCENE_QUESTIONS}     # question -> [(episode, frame, answer, wrong, target)]
+    slots = [(ep, t) for ep in episodes for t in range(0, len(ep.positions), every)]
     for j, (ep, t) in enumerate(slots):
         bodies, heights = pools[ep.task]
         rng = np.random.default_rng([seed, 3, j])
@@ -318,12 +336,16 @@ def scene_samples(episodes, every=10, seed=0):
         for i in rng.permutation(len(heights)):
             if all(abs(heights[i] - float(o.split()[0])) >= MATCHED_GAP for o in picked):
                 picked.append(f"{heights[i]:.3f} m")
-        for q, (question, answer, wrong, target) in enumerate((
-                ("object", fmt_xyz(where), others, [round(float(v), 3) for v in where]),
-                ("height", picked[0], picked[1:4], round(float(h), 3)))):
-            if wrong is None or len(wrong) < 3:
-                continue                        # too few distinct values in this task's scenes
-            right = int(letters[2 * j + q])
+        drafts["object"].append((ep, t, fmt_xyz(where), others, [round(float(v), 3) for v in where]))
+        drafts["height"].append((ep, t, picked[0], picked[1:4], round(float(h), 3)))
+        for question, xyz in (("object_region", where), ("gripper_region", ep.positions[t])):
+            r = table_region(xyz)
+            drafts[question].append((ep, t, r, r and [str(o) for o in rng.permutation(REGIONS) if o != r], r))
+    for q, (question, rows) in enumerate(drafts.items()):
+        rows = [row for row in rows if row[3] and len(row[3]) >= 3]    # else too few distinct values in the
+        letters = np.random.default_rng([seed, 2, q]).permutation(   # task's scenes, or too close to call
+            np.resize(np.arange(4), len(rows)))
+        for (ep, t, answer, wrong, target), right in zip(rows, letters):
             options = list(wrong[:right]) + [answer] + list(wrong[right:3])
             text = SCENE_QUESTIONS[question].format(name=ep.sim.target_name)
             out.append(Sample(f"{ep.id}/t{t}/scene_{question}", ep.task, SCENE, ep.images[t],

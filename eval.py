@@ -75,10 +75,15 @@ def score_choice(questions, texts, lengths):
     rows = []
     for q, text, n in zip(questions, texts, lengths):
         row = {"id": q.id, "task": q.task, "split": split_of(q.task), "kind": q.kind, "length": n,
-               "format": reward.format_reward(text), "text": text}
+               "format": reward.format_reward(text), "text": text, "question": q.meta.get("question")}
         if q.options:
             row["correct"] = reward.choice_reward(text, q)
             letter = reward.chosen_letter(text, data.LETTERS)
+            # a model that thinks its option's text (grpo.py --think option): is that the right option's
+            # text, and does the letter it then writes name it? (seeing, and finding the letter, apart)
+            thought = text.split("<think>")[1].split("</think>")[0].strip() if row["format"] else None
+            row["thought_right"] = float(thought == q.options[data.LETTERS.index(q.answer)])
+            row["letter_follows"] = float(letter is not None and thought == q.options[data.LETTERS.index(letter)])
             if letter and q.kind == "waypoint":
                 row["predicted_xyz"] = json.loads(q.options[data.LETTERS.index(letter)])
         else:
@@ -432,14 +437,18 @@ def mean(values):
 
 def summarise(result):
     """Per-row results -> the tables' numbers."""
-    s = {"choice": {}, "open": {}, "bench": {}, "loop": {t: mean(v) for t, v in result.get("loop", {}).items()}}
+    s = {"choice": {}, "thought": {}, "open": {}, "bench": {}, "loop": {t: mean(v) for t, v in result.get("loop", {}).items()}}
     for r in result.get("choice", []):
         key = f"{r['kind']}/{r['split']}"
-        if "correct" in r:
-            s["choice"].setdefault(key, []).append(r["correct"])
+        if "correct" in r:           # scene questions also per question: 'scene:object_region/In'
+            for k in [key] + ([f"{r['kind']}:{r['question']}/{r['split']}"] if r.get("question") else []):
+                s["choice"].setdefault(k, []).append(r["correct"])
+                s["thought"].setdefault(k, []).append((r["thought_right"], r["letter_follows"]))
         else:
             s["open"].setdefault(key, []).append(r)
     s["choice"] = {k: mean(v) for k, v in s["choice"].items()}
+    s["thought"] = {k: {"right": mean([a for a, _ in v]), "follows": mean([b for _, b in v])}
+                    for k, v in s["thought"].items()}
     s["open"] = {k: {"l1": mean([r["l1"] for r in v]), "l2": mean([r["l2"] for r in v]),
                      "score": mean([r["score"] for r in v])} for k, v in s["open"].items()}
     rows = result.get("choice", [])
@@ -481,6 +490,13 @@ def markdown(names, sums, references=None, blind=None):
     md.append("| format followed | " + " | ".join(fmt(s["format"], True) for s in sums) + pad + " |\n")
     md.append("| mean response length (tokens) | " + " | ".join(f"{s['length']:.0f}" if s["length"] else "—" for s in sums)
               + pad + " |\n")
+    thought = lambda s, key, m: s["thought"].get(key, {}).get(m)
+    if any(v["right"] or v["follows"] for s in sums for v in s["thought"].values()):
+        md += ["\n## The thought (grpo.py --think option): it names the right option · the letter names the thought\n",
+               head("question / tasks")]
+        for key in sorted({k for s in sums for k in s["thought"]}):
+            md.append(f"| {key.replace('/', ' · ')} | " + " | ".join(
+                f"{fmt(thought(s, key, 'right'), True)} · {fmt(thought(s, key, 'follows'), True)}" for s in sums) + " |\n")
     if any(s["open"] for s in sums):
         md += ["\n## Open-ended waypoint: error in metres, and clip(1 - L1)\n", head("tasks · measure")]
         for key in sorted({k for s in sums for k in s["open"]}):
@@ -545,7 +561,7 @@ def evaluate(model, proc, cfg, rank=0, world=1, device="cpu", judge_cfg=None, na
     eps = [e for t in data.TRAIN_TASKS + data.HELDOUT_TASKS for e in data.generate_episodes(t, cfg["episodes"], cfg["seed"])]
     if "choice" in cfg["sections"]:
         qs = data.build_samples(eps, data.KINDS, every=cfg["every"], seed=cfg["seed"], distractors=cfg["distractors"])
-        qs += data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []   # the experiment's
+        qs += data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []   # --scene
         probes = [q for shuffled in (False, True) for q in data.probe_samples(32, cfg["seed"], shuffled)]
         qs = (qs + probes)[rank::world]                                     # the tiny preset's sanity tasks
         texts, lengths = answers(model, proc, qs, cfg["max_new_tokens"], cfg["batch_size"], device, f"{name}: choice", rank == 0)
@@ -580,7 +596,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
          out: Path = Path("reports/robot_r1"), episodes: int = 3, loop_episodes: int = 5, every: int = 10,
          seed: int = 1000, max_new_tokens: int | None = None, batch_size: int = 32,
          sections: tuple[str, ...] = ("choice", "bench", "loop"), judge_url: str | None = None,
-         judge_model: str = "gpt-4o", distractors: str = "matched"):
+         judge_model: str = "gpt-4o", distractors: str = "matched", scene: bool = False):
     """Evaluate --model (and --compare) and write report.json, report.md and PNGs to --out.
 
     Args:
@@ -601,6 +617,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
         distractors: how the wrong options are drawn: 'matched' (text alone cannot find the answer) or
             'uniform' (the paper's rule); see data.build_samples. The report gives the best text-only
             rule's accuracy beside every model's either way.
+        scene: also ask the scene questions (data.scene_samples), which eval.py experiment's base learns.
     """
     import torch.distributed as dist
     rank, world, device = M.setup_distributed(group_on_one_gpu=False)
@@ -634,7 +651,7 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
     if judge_cfg:
         check_judge(judge_url, judge_model, judge_cfg["key"])
     cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=seed, max_new_tokens=max_new_tokens,
-               batch_size=batch_size, sections=sections, distractors=distractors)
+               batch_size=batch_size, sections=sections, distractors=distractors, scene=scene)
     names, results, eps = [], [], None
     for i, name in enumerate([model] + ([compare] if compare else [])):
         policy, proc = load_policy(name, ckpt if i == 0 else None, device)

@@ -449,9 +449,11 @@ PRESETS = {  # random-weight models in Qwen2.5-VL's architecture
                            num_key_value_heads=2, rope_theta=10000.0, mrope_section=[4, 6, 6]),
                  vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
                  min_pixels=112 * 112, max_pixels=112 * 112),
-    # eval.py's experiment: the base pre-trained on scene questions (3.6M parameters; 36 image tokens)
+    # eval.py's experiment: the base pre-trained on scene questions (3.6M parameters; 36 image tokens).
+    # rope_theta 4: at 1e4 M-RoPE turns one image column by 0.003 rad and the base cannot tell where things
+    # are (tests/test_model.py's square; the README's "GRPO against SFT, in miniature")
     "small": dict(text=dict(hidden_size=192, intermediate_size=576, num_hidden_layers=6, num_attention_heads=6,
-                            num_key_value_heads=2, rope_theta=10000.0, mrope_section=[4, 6, 6]),
+                            num_key_value_heads=2, rope_theta=4.0, mrope_section=[4, 6, 6]),
                   vision=dict(depth=3, hidden_size=96, intermediate_size=192, num_heads=4, fullatt_block_indexes=[2]),
                   min_pixels=168 * 168, max_pixels=168 * 168),
 }

@@ -179,20 +179,26 @@ def test_scene_questions_ask_about_the_scene_never_robot_r1s_kinds(episodes):
     robot_r1 = list(data.QUESTIONS.values()) + ["## Current Robot State"]
     assert not [q.id for q in qs if any(text in q.prompt for text in robot_r1)]
     assert Counter(q.meta["question"] for q in qs).keys() == set(data.SCENE_QUESTIONS)
-    counts = Counter(q.answer for q in qs)
-    assert max(counts.values()) - min(counts.values()) <= 2, counts          # letters balanced
+    for question in data.SCENE_QUESTIONS:                                      # letters balanced per question
+        counts = Counter(q.answer for q in qs if q.meta["question"] == question)
+        assert max(counts.values()) - min(counts.values()) <= 1, (question, counts)
     by_id = {ep.id: ep for ep in episodes}
     for q in qs:
         ep, t = by_id[q.meta["episode"]], q.meta["frame"]
         assert len(set(q.options)) == 4
         chosen = q.options[data.LETTERS.index(q.answer)]
+        where = ep.sim.body_xyz[t, ep.sim.bodies.index(ep.sim.target)]
         if q.meta["question"] == "object":
-            where = ep.sim.body_xyz[t, ep.sim.bodies.index(ep.sim.target)]
             assert chosen == data.fmt_xyz(where) and ep.sim.target_name in q.prompt
             xyz = np.array([json.loads(o) for o in q.options])
             assert min(np.linalg.norm(a - b) for i, a in enumerate(xyz) for b in xyz[i + 1:]) >= data.MATCHED_GAP - 1e-3
-        else:
+        elif q.meta["question"] == "height":
             assert chosen == f"{ep.positions[t, 2] - data.TABLE_Z:.3f} m"
+        else:                               # a quarter of the table: the four REGIONS, in a random order
+            xyz = ep.positions[t] if q.meta["question"] == "gripper_region" else where
+            assert chosen == data.table_region(xyz) and sorted(q.options) == sorted(data.REGIONS)
+    orders = Counter(tuple(q.options) for q in qs if q.meta["question"].endswith("region"))
+    assert len(orders) == 24, "region options in every order: their order must not point at the answer"
 
 
 def test_probe_answers_are_in_the_image_alone():
@@ -386,3 +392,20 @@ def test_rlbench_pickles_load_only_what_a_dataset_holds(tmp_path):
         assert not marker.exists(), "the payload ran"
         victim.write_bytes(original)
     assert len(data.load_rlbench(tmp_path)) == 1                 # numpy arrays and RLBench records still load
+
+
+def test_table_regions_are_the_quarters_the_camera_sees():
+    """front = toward the camera (lower in the image), right = the image's right; a point within
+    MATCHED_GAP of a dividing line is not asked about."""
+    def centre(x, y):          # (row, column) of a magenta box's pixels
+        box = data._box("b", [x, y, data.TABLE_Z], (0.06, 0.06, 0.06), (255, 0, 255))
+        im = np.asarray(data.render([box], np.array([0.3, 0.0, 1.2]), True)).astype(int)
+        rows, cols = np.nonzero((im[..., 0] > 200) & (im[..., 1] < 60) & (im[..., 2] > 200))
+        return rows.mean(), cols.mean()
+    seen = {data.table_region([x, y, data.TABLE_Z]): centre(x, y) for x in (0.05, 0.42) for y in (-0.25, 0.25)}
+    assert set(seen) == set(data.REGIONS)
+    for side in ("left", "right"):
+        assert seen[f"front {side}"][0] > seen[f"back {side}"][0] + 20           # front: lower in the image
+    for depth in ("front", "back"):
+        assert seen[f"{depth} right"][1] > seen[f"{depth} left"][1] + 60         # right: the image's right
+    assert data.table_region([*data.TABLE_MIDDLE + [0.01, 0.2], data.TABLE_Z]) is None

@@ -183,3 +183,26 @@ def test_experiment_pipeline_writes_every_promised_file(tmp_path):
     stamp = (runs / "grpo" / "final" / "model.safetensors").stat().st_mtime
     E.experiment(**kw)
     assert (runs / "grpo" / "final" / "model.safetensors").stat().st_mtime == stamp
+
+
+def test_scores_tell_seeing_from_finding_the_letter_and_scene_questions_apart():
+    """A --think option model's thought is scored apart from its letter (it names the right option; the
+    letter names the thought), and scene questions are reported per question beside their kind's row."""
+    import dataclasses
+    qs = data.probe_samples(4, seed=3, shuffled=True)
+    qs[3] = dataclasses.replace(qs[3], task="pick_up_cup", kind=data.SCENE, meta={"question": "gripper_region"})
+    right = lambda q: q.options[data.LETTERS.index(q.answer)]
+    other = lambda q: next(L for L in data.LETTERS if L != q.answer)
+    texts = [f"<think> {right(qs[0])} </think> <answer> [[{qs[0].answer}]] </answer>",       # sees, finds
+             f"<think> {right(qs[1])} </think> <answer> [[{other(qs[1])}]] </answer>",       # sees, not finds
+             f"<think> {qs[2].options[data.LETTERS.index(other(qs[2]))]} </think> <answer> [[{other(qs[2])}]] </answer>",
+             f"<think> the gripper </think> <answer> [[{qs[3].answer}]] </answer>"]
+    rows = E.score_choice(qs, texts, [10] * 4)
+    assert [(r["correct"], r["thought_right"], r["letter_follows"]) for r in rows] == [
+        (1, 1, 1), (0, 1, 0), (0, 0, 1), (1, 0, 0)]
+    s = E.summarise({"choice": rows})
+    assert s["choice"]["scene/In"] == s["choice"]["scene:gripper_region/In"] == 1.0
+    assert s["thought"]["probe_shuffled/probe"] == {"right": 2 / 3, "follows": 2 / 3}
+    md = E.markdown(["m"], [s])
+    assert "## The thought" in md and "| scene:gripper_region · In | 100.0% |" in md
+    assert "## The thought" not in E.markdown(["m"], [E.summarise({"choice": rows[3:]})])   # 'the gripper' only
