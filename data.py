@@ -313,8 +313,8 @@ def scene_samples(episodes, every=10, seed=0):
                       drawn like matched distractors (_matched_positions), this frame's other bodies among them
       height          how high above the table is the gripper? options: heights at the task's other frames
       object_region   which quarter of the table is the task's object over? options: the four REGIONS
-      gripper_region  the same for the gripper: the coarse form of "where", learned before coordinates
-                      (the README's "GRPO against SFT, in miniature")
+      gripper_region  the same for the gripper: with object_region, the coarse form of "where" that a base
+                      can see before it resolves coordinates (the README's "GRPO against SFT, in miniature")
     The prompt carries no current position (it would give the height away). Letters balanced per
     question, deterministic for (episodes, seed)."""
     by_task, out = {}, []

@@ -140,8 +140,10 @@ BLIND_RULES = {
         "closest to the other options": lambda q, fit: _spread(q).argmin(),
         "farthest from the other options": lambda q, fit: _spread(q).argmax(),
     },
+    ("movement", "scene:object_region", "scene:gripper_region"): {     # answers from a small fixed set
+        "the most frequent answer": lambda q, fit: np.argmax([fit["answers"].get((_group(q), o), 0) for o in q.options]),
+    },
     "movement": {
-        "the most frequent answer": lambda q, fit: np.argmax([fit["phrases"].get(o, 0) for o in q.options]),
         "fewest axes": lambda q, fit: np.argmin([len(data.phrase_moves(o)) for o in q.options]),
         "most axes": lambda q, fit: np.argmax([len(data.phrase_moves(o)) for o in q.options]),
     },
@@ -153,9 +155,15 @@ def blind_rules(kind):
             for name, rule in rules.items()}
 
 
+def _group(q):
+    """A question's row: its kind, and for scene questions which one ('scene:object_region')."""
+    return f"{q.kind}:{q.meta['question']}" if "question" in q.meta else q.kind
+
+
 def fit_blind(questions):
-    """What the rules may know of the answers: mean positions (overall and per task), phrase counts."""
-    fit = {"phrases": {}}
+    """What the rules may know of the answers: mean positions (overall and per task), how often each
+    answer's text is the right one (per row)."""
+    fit = {"answers": {}}
     for kind in ("waypoint", "state"):
         answers = [(q.task, np.asarray(q.target, float)) for q in questions if q.kind == kind]
         if answers:
@@ -163,22 +171,21 @@ def fit_blind(questions):
             for task in {t for t, _ in answers}:
                 fit[(kind, task)] = np.mean([a for t, a in answers if t == task], 0)
     for q in questions:
-        if q.kind == "movement":
-            fit["phrases"][q.target] = fit["phrases"].get(q.target, 0) + 1
+        if q.options:
+            key = (_group(q), q.options[data.LETTERS.index(q.answer)])
+            fit["answers"][key] = fit["answers"].get(key, 0) + 1
     return fit
 
 
 def blind_baselines(questions, fit_on=None):
-    """Accuracy of every text-only rule per 'kind/split', fitted on `fit_on` (default: the training-task
+    """Accuracy of every text-only rule per 'kind/split' (scene: per question), fitted on `fit_on` (default: the training-task
     questions among `questions`). -> {key: {rule: accuracy}}"""
     fit = fit_blind(fit_on or [q for q in questions if split_of(q.task) == "In"])
     out = {}
     for q in questions:
-        if q.kind not in ("waypoint", "state", "movement"):
-            continue
-        for name, rule in blind_rules(q.kind).items():
+        for name, rule in blind_rules(_group(q)).items():
             hit = data.LETTERS[int(rule(q, fit))] == q.answer
-            out.setdefault(f"{q.kind}/{split_of(q.task)}", {}).setdefault(name, []).append(hit)
+            out.setdefault(f"{_group(q)}/{split_of(q.task)}", {}).setdefault(name, []).append(hit)
     return {k: {name: float(np.mean(v)) for name, v in rules.items()} for k, rules in out.items()}
 
 
@@ -677,7 +684,8 @@ def write_report(names, results, eps, cfg, out):
     blind = {}
     if "choice" in cfg["sections"]:                 # the same questions, answered from the text alone
         blind = blind_baselines(data.build_samples(eps, ("waypoint", "state", "movement"), every=cfg["every"],
-                                                   seed=cfg["seed"], distractors=cfg["distractors"]))
+                                                   seed=cfg["seed"], distractors=cfg["distractors"])
+                                + (data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []))
     (out / "report.json").write_text(json.dumps({"models": names, "config": cfg, "summary": sums, "blind": blind,
                                                  "references": references, "rows": results}, indent=1, default=list))
     (out / "report.md").write_text(markdown(names, sums, references, blind))
@@ -846,7 +854,8 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     """Robot-R1's claim in miniature (Kim et al., Robot-R1, arXiv 2506.00070, Tables 2-3: SFT gains on the
     training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Per seed:
       base   a preset model pre-trained by SFT on scene questions (data.scene_samples: where objects are,
-             how high the hand is; never Robot-R1's kinds), which stands in for a VLM's general knowledge
+             which quarter of the table, how high the hand is; never Robot-R1's kinds), which stands in for
+             a VLM's general knowledge
       sft    the base, fine-tuned on Robot-R1's questions' correct answers  (grpo.py --algorithm sft)
       grpo   the base, trained with GRPO and the paper's reward               (grpo.py)
 

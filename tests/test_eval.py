@@ -206,3 +206,21 @@ def test_scores_tell_seeing_from_finding_the_letter_and_scene_questions_apart():
     md = E.markdown(["m"], [s])
     assert "## The thought" in md and "| scene:gripper_region · In | 100.0% |" in md
     assert "## The thought" not in E.markdown(["m"], [E.summarise({"choice": rows[3:]})])   # 'the gripper' only
+
+
+def test_the_best_constant_answer_is_the_blind_baseline_of_the_table_quarters():
+    """Quarters are not equally frequent: the text-only rule 'the most frequent answer' (fitted on the
+    training tasks' questions) scores the share of the most frequent quarter, not 25%."""
+    from collections import Counter
+    eps = data.generate_episodes("pick_up_cup", 2, 7) + data.generate_episodes("stack_blocks", 2, 7)
+    qs = data.scene_samples(eps, every=5, seed=7)                  # seed 7: no two quarters tie for the most
+    blind = E.blind_baselines(qs)
+    assert {k for k in blind if k.startswith("scene")} == {f"scene:{q}_region/{s}" for q in ("object", "gripper")
+                                                          for s in ("In", "Out")}
+    for question in ("object_region", "gripper_region"):
+        fit = Counter(q.target for q in qs if q.meta["question"] == question and q.task == "pick_up_cup")
+        top = fit.most_common(1)[0][0]
+        for split, task in (("In", "pick_up_cup"), ("Out", "stack_blocks")):
+            answers = [q.target for q in qs if q.meta["question"] == question and q.task == task]
+            rate = blind[f"scene:{question}/{split}"]["the most frequent answer"]
+            assert rate == pytest.approx(answers.count(top) / len(answers)), (question, split)
