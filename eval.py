@@ -178,8 +178,8 @@ def fit_blind(questions):
 
 
 def blind_baselines(questions, fit_on=None):
-    """Accuracy of every text-only rule per 'kind/split' (scene: per question), fitted on `fit_on` (default: the training-task
-    questions among `questions`). -> {key: {rule: accuracy}}"""
+    """Accuracy of every text-only rule per 'kind/split' (scene: per question), fitted on `fit_on`
+    (default: the training-task questions among `questions`). -> {key: {rule: accuracy}}"""
     fit = fit_blind(fit_on or [q for q in questions if split_of(q.task) == "In"])
     out = {}
     for q in questions:
