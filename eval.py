@@ -75,7 +75,7 @@ def score_choice(questions, texts, lengths):
     rows = []
     for q, text, n in zip(questions, texts, lengths):
         row = {"id": q.id, "task": q.task, "split": split_of(q.task), "kind": q.kind, "length": n,
-               "format": reward.format_reward(text), "text": text, "question": q.meta.get("question")}
+               "format": reward.format_reward(text), "text": text, "group": _group(q)}
         if q.options:
             row["correct"] = reward.choice_reward(text, q)
             letter = reward.chosen_letter(text, data.LETTERS)
@@ -448,7 +448,7 @@ def summarise(result):
     for r in result.get("choice", []):
         key = f"{r['kind']}/{r['split']}"
         if "correct" in r:           # scene questions also per question: 'scene:object_region/In'
-            for k in [key] + ([f"{r['kind']}:{r['question']}/{r['split']}"] if r.get("question") else []):
+            for k in {key, f"{r['group']}/{r['split']}"}:
                 s["choice"].setdefault(k, []).append(r["correct"])
                 s["thought"].setdefault(k, []).append((r["thought_right"], r["letter_follows"]))
         else:
