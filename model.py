@@ -20,17 +20,46 @@ sections (16, 24, 24 of 64 for the 7B) rotated by the temporal, height and width
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from kernels import fused_logprob
+
+def import_beside_our_kernels(name):
+    """Import transformers' module `name` while this repository's folder is off sys.path.
+
+    transformers >= 5.25 depends on Hugging Face's `kernels` package (hub kernels) and imports it with its
+    modeling code; this repository's kernels.py has the same top-level name and, its folder being first on
+    sys.path, would be found instead (ImportError: cannot import name 'CUDAProperties' from 'kernels').
+    So transformers binds its `kernels` here, and `import kernels` goes on meaning kernels.py. Hub kernels
+    stay off (USE_HUB_KERNELS=NO unless set): from_pretrained would otherwise swap transformers' layers for
+    kernels fetched from the hub, which the equivalence tests do not want as their reference (and which
+    would import `kernels` again, lazily, finding ours)."""
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    here = Path(__file__).resolve().parent
+    ours, path = sys.modules.pop("kernels", None), sys.path[:]
+    sys.path[:] = [p for p in path if Path(p or ".").resolve() != here]
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = path
+        sys.modules.pop("kernels", None)                # Hugging Face's, now held by transformers
+        if ours is not None:
+            sys.modules["kernels"] = ours
+
+
+Qwen2_5_VisionTransformerPretrainedModel = import_beside_our_kernels(
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl").Qwen2_5_VisionTransformerPretrainedModel
+from transformers import Qwen2_5_VLConfig  # noqa: E402  (after the import above has loaded transformers' modeling)
+
+from kernels import fused_logprob  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -831,7 +860,6 @@ def bench_load(layers=1, world=2, port=29551):
 
 
 if __name__ == "__main__":
-    import sys
     if "--bench-load" in sys.argv:
         bench_load()
     else:

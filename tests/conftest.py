@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402  (after sys.path points at the repository)
+import model  # noqa: E402,F401  (before any test imports transformers' modeling: model.import_beside_our_kernels)
 
 
 def questions(n, seed=0, sizes=((224, 224), (168, 280), (280, 140))):

@@ -1,5 +1,9 @@
 """model.py against transformers' Qwen2.5-VL with the same weights, and features that must not change numbers."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +11,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import model as M
 from conftest import hf_kwargs, questions
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rel(a, b):
@@ -135,6 +141,20 @@ def test_export_loads_in_transformers_and_back_with_identical_logits(tiny, tmp_p
     valid = batch.attention_mask.bool()
     assert torch.equal(a, b)
     assert rel(a[valid], c[valid]) < 1e-5
+
+
+def test_kernels_py_and_hugging_faces_kernels_package_both_import():
+    """transformers >= 5.25 imports Hugging Face's `kernels` package, which kernels.py's name shadows from this
+    folder: whichever is imported first, `import kernels` is ours and transformers holds its own (or, where the
+    package is not installed, none), the way `python grpo.py` and a test run import them."""
+    check = ("import sys, transformers.integrations.hub_kernels as hub, kernels; "
+             "assert kernels.__file__ == sys.argv[1], kernels.__file__; assert kernels.fused_logprob; "
+             "assert not hasattr(hub, 'CUDAProperties') or hub.CUDAProperties.__module__.startswith('kernels.'); "
+             "print('ok')")
+    for first in ("import kernels, model", "import model, kernels"):
+        out = subprocess.run([sys.executable, "-c", f"{first}; {check}", str(ROOT / "kernels.py")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.startswith("ok"), (first, out.stderr[-2000:])
 
 
 def test_long_prompt_is_rejected_with_a_clear_error(tiny):
