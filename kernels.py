@@ -58,7 +58,9 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, t_ptr, part_ptr, N, V, H, stride_h, stride
     """One program: BLOCK_N rows x one split of the vocabulary. Online log-sum-exp over its V tiles.
 
     Writes, per row, (m, s, z_t, a) for its split: running max m, sum s = sum_v exp(z_v - m), the target's
-    logit z_t when the target falls in this split (else 0), and a = sum_v exp(z_v - m) z_v (for entropy).
+    logit z_t when the target falls in this split (else 0), and a = sum_v exp(z_v - m) (z_v - m), for the
+    entropy log s - a / s. Taken from the max, not as lse - E[z]: with logits of 1e5 those two would agree
+    to fp32's last bits (1e-2) and leave their rounding as the entropy of a near-tied row.
     """
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,13 +74,15 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, t_ptr, part_ptr, N, V, H, stride_h, stride
         z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_K,
                          UPCAST, PRECISION) * inv_temp
         z = tl.where(cols[None, :] < V, z, float("-inf"))
-        z0 = tl.where(cols[None, :] < V, z, 0.0)
         m_new = tl.maximum(m, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # a tile wholly past V
-        p = tl.exp(z - m_safe[:, None])
+        zs = tl.where(cols[None, :] < V, z - m_safe[:, None], 0.0)  # z - m, <= 0
+        p = tl.exp(zs)
+        p = tl.where(cols[None, :] < V, p, 0.0)
         scale = tl.exp(m - m_safe)
+        shift = tl.where(s > 0, m - m_safe, 0.0)                     # re-centre a on the new max
+        a = (a + shift * s) * scale + tl.sum(p * zs, 1)
         s = s * scale + tl.sum(p, 1)
-        a = a * scale + tl.sum(p * z0, 1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
         m = m_new
     base = part_ptr + pid_s * 4 * N + rows
@@ -114,12 +118,13 @@ def _lse_triton(hidden, weight, targets, inv_temp):
     _logprob_fwd_kernel[(row_blocks, splits)](
         hidden, weight, targets, part, N, V, H, hidden.stride(0), weight.stride(0), per_split, inv_temp,
         UPCAST=INTERPRET and hidden.dtype != torch.float32, PRECISION=_precision(hidden), **cfg)
-    m, s, zt, a = part.unbind(1)                                     # each (splits, N)
-    big = m.max(0).values
+    m, s, zt, a = part.unbind(1)                                     # each (splits, N); every split holds
+    big = m.max(0).values                                            # a column < V, so each m is finite
     w = torch.exp(m - big)
     total = (s * w).sum(0)
+    a = (w * (a + (m - big) * s)).sum(0)                             # re-centred on the overall max
     lse = big + torch.log(total)
-    return lse, zt.sum(0), lse - (a * w).sum(0) / total              # lse, target logit, entropy
+    return lse, zt.sum(0), torch.log(total) - a / total              # lse, target logit, entropy
 
 
 def _lse_torch(hidden, weight, targets, inv_temp, chunk_rows):
@@ -129,8 +134,10 @@ def _lse_torch(hidden, weight, targets, inv_temp, chunk_rows):
         z = (hidden[i:i + chunk_rows].float() @ weight.float().T) * inv_temp       # (C, V)
         lse[i:i + chunk_rows] = torch.logsumexp(z, 1)
         zt[i:i + chunk_rows] = z.gather(1, targets[i:i + chunk_rows, None]).squeeze(1)
-        p = torch.softmax(z, 1)
-        ent[i:i + chunk_rows] = lse[i:i + chunk_rows] - (p * z).sum(1)
+        zs = z - z.max(1, keepdim=True).values                                   # entropy from the max,
+        e = torch.exp(zs)                                                        # as the kernel takes it
+        s = e.sum(1)
+        ent[i:i + chunk_rows] = torch.log(s) - (e * zs).sum(1) / s
     return lse, zt, ent
 
 

@@ -4,7 +4,12 @@ Tolerances, as relative norms ||ours - ref|| / ||ref||:
 - fp32 inputs: the kernels accumulate in fp32 over H <= 128 terms: ~1e-6; we allow 1e-5.
 - bf16 inputs: the reference runs in float64 on the same bf16 values, so the forward (fp32 accumulation)
   still lands near 1e-6; the gradients come back in bf16 (8 bits of mantissa, ~4e-3 per element), so 1e-2.
-- Entropy, in nats, within 1e-5 absolute: with extreme logits it is ~1e-20 in float64 and 0 in fp32.
+- Entropy, in nats: within 1e-5 + 1e-4 relative, plus what the logits' own fp32 rounding moves it by. Each
+  logit is an fp32 dot product over H terms, off by at most dz_v = (H + 2) 2^-24 sum_k |h_k w_vk| / tau,
+  and the entropy moves by dH = -sum_v p_v (z_v - E_p z) dz_v: nothing for a row with one dominant logit,
+  up to a few 1e-2 nats for a near-tied row with logits of 1e5 (the extreme test draws one about once in
+  100 seeds). No summation order recovers that; an entropy taken as lse - E_p z would add fp32's rounding
+  of 1e5 (1e-2) to every row, and this bound catches it (seen before kernels.py took it from the max).
 """
 import pytest
 import torch
@@ -26,7 +31,8 @@ def backend(request, monkeypatch):
 
 
 def check_logprob(N, H, V, dtype, temperature, scale=1.0, seed=None, chunk_bytes=1 << 27):
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    seed = seed if seed is not None else torch.seed() % 2**31          # fresh inputs, named when a check fails
+    gen = torch.Generator().manual_seed(seed)
     h = (torch.randn(N, H, generator=gen) * scale).to(dtype).requires_grad_()
     w = (torch.randn(V, H, generator=gen) * scale / H ** 0.5).to(dtype).requires_grad_()
     t = torch.randint(0, V, (N,), generator=gen)
@@ -36,15 +42,19 @@ def check_logprob(N, H, V, dtype, temperature, scale=1.0, seed=None, chunk_bytes
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = kernels.fused_logprob_reference(h64, w64, t, temperature)
     (ref * g.double()).sum().backward()
-    p = torch.softmax(h64 @ w64.T / temperature, -1)
+    z = h64 @ w64.T / temperature
+    p = torch.softmax(z, -1)
     ref_ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    dz = (H + 2) * 2.0 ** -24 * (h64.abs() @ w64.abs().T) / temperature              # the module docstring
+    ent_tol = 1e-5 + 1e-4 * ref_ent + (p * (z - (p * z).sum(-1, keepdim=True)).abs() * dz).sum(-1)
     assert logp.dtype == torch.float32 and logp.shape == (N,)
-    assert torch.isfinite(logp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert torch.isfinite(logp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all(), seed
     grad_tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel(logp, ref) < 1e-5
-    assert torch.allclose(ent.double(), ref_ent, rtol=1e-4, atol=1e-5)      # nats; ~0 for extreme logits
-    assert rel(h.grad, h64.grad) < grad_tol
-    assert rel(w.grad, w64.grad) < grad_tol
+    assert rel(logp, ref) < 1e-5, seed
+    bad = ((ent.double() - ref_ent).abs() > ent_tol).nonzero().flatten().tolist()
+    assert not bad, f"seed {seed}, rows {bad}: entropy {ent[bad]}, float64 {ref_ent[bad]}, allowed {ent_tol[bad]}"
+    assert rel(h.grad, h64.grad) < grad_tol, seed
+    assert rel(w.grad, w64.grad) < grad_tol, seed
     return logp, ref
 
 
@@ -64,9 +74,10 @@ def test_fused_logprob_at_qwen_vocab_size(backend, dtype):
     check_logprob(N=3, H=64, V=152064, dtype=dtype, temperature=1.0)
 
 
-def test_fused_logprob_extreme_logits_stay_finite(backend):
-    # logits of order +-1e4: a naive exp overflows; the online log-sum-exp must not.
-    logp, ref = check_logprob(N=20, H=16, V=500, dtype=torch.float32, temperature=1.0, scale=300.0)
+@pytest.mark.parametrize("seed", [None, 278])     # 278 draws a near-tied row (see the module docstring)
+def test_fused_logprob_extreme_logits_stay_finite(backend, seed):
+    # logits of order +-1e5: a naive exp overflows; the online log-sum-exp must not.
+    logp, ref = check_logprob(N=20, H=16, V=500, dtype=torch.float32, temperature=1.0, scale=300.0, seed=seed)
     assert (ref < -100).any(), "the test really produces extreme log-probs"
 
 
