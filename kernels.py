@@ -76,9 +76,8 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, t_ptr, part_ptr, N, V, H, stride_h, stride
         z = tl.where(cols[None, :] < V, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # a tile wholly past V
-        zs = tl.where(cols[None, :] < V, z - m_safe[:, None], 0.0)  # z - m, <= 0
-        p = tl.exp(zs)
-        p = tl.where(cols[None, :] < V, p, 0.0)
+        p = tl.exp(z - m_safe[:, None])                              # 0 past V (z = -inf there)
+        zs = tl.where(cols[None, :] < V, z - m_safe[:, None], 0.0)  # z - m, <= 0; 0, not -inf, past V
         scale = tl.exp(m - m_safe)
         shift = tl.where(s > 0, m - m_safe, 0.0)                     # re-centre a on the new max
         a = (a + shift * s) * scale + tl.sum(p * zs, 1)
