@@ -1,4 +1,5 @@
 """grpo.py: the loss on hand-computed cases, proof of learning, and features that must not change numbers."""
+import functools
 import json
 import math
 import os
@@ -107,18 +108,14 @@ def small(out, dataset, **kw):
 
 
 @pytest.fixture(scope="module")
-def warm_start(tmp_path_factory, probe_folder):
-    """The tiny preset after small()'s format warm-up, exported as a Hugging Face folder (OUT/start). Runs
-    that test how a run is kept, resumed or stopped start from it: their rollouts then have rewards that
-    differ within a group (so every step moves the weights), without paying for the warm-up again."""
+def warm(tmp_path_factory, probe_folder):
+    """small(), started from the tiny preset after small()'s format warm-up, exported once as a Hugging Face
+    folder (OUT/start) and loaded with the tiny preset's defaults (a folder: no warm-up of its own). Runs
+    that test how a run is kept, resumed or stopped start from it: their rollouts have rewards that differ
+    within a group (so every step moves the weights), without paying for the warm-up again."""
     c = small(tmp_path_factory.mktemp("warm") / "run", probe_folder, steps=1, save_every=1000)
     grpo.main(c)
-    return c.out / "start"
-
-
-def warm(out, dataset, start, **kw):
-    """small(), started from warm_start's folder with the tiny preset's defaults (no warm-up: not a preset)."""
-    return small(out, dataset, model=str(start), preset="tiny", **kw)
+    return functools.partial(small, dataset=probe_folder, model=str(c.out / "start"), preset="tiny")
 
 
 def accuracy_curve(out):
@@ -352,13 +349,13 @@ def test_lean_loading_reads_each_ranks_rows_in_blocks_and_equals_a_plain_load(tm
     assert p.returncode == 0 and (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists(), log[-3000:]
 
 
-def test_activation_checkpointing_changes_nothing(tmp_path, probe_folder, warm_start):
+def test_activation_checkpointing_changes_nothing(tmp_path, warm):
     outs = []
     for ckpt in (False, True):
-        c = warm(tmp_path / f"ckpt{ckpt}", probe_folder, warm_start, checkpointing=ckpt, steps=2)
+        c = warm(tmp_path / f"ckpt{ckpt}", checkpointing=ckpt, steps=2)
         grpo.main(c)
         outs.append(params(c.out))
-    start = load_file(warm_start / "model.safetensors")
+    start = load_file(Path(c.model) / "model.safetensors")
     assert any(not torch.equal(start[k], outs[0][k]) for k in start), "the two steps must move the weights"
     for k in outs[0]:
         assert torch.equal(outs[0][k], outs[1][k]), k
@@ -396,9 +393,9 @@ def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe
     assert torch.allclose(ours.lm_head(h)[valid], theirs[valid], atol=1e-4)
 
 
-def test_nan_steps_are_skipped_then_abort(tmp_path, probe_folder, warm_start, monkeypatch):
+def test_nan_steps_are_skipped_then_abort(tmp_path, warm, monkeypatch):
     monkeypatch.setitem(reward.REWARDS, "poison", lambda text, sample: float("nan"))
-    c = warm(tmp_path / "nan", probe_folder, warm_start, rewards="format=1,poison=1", steps=6, max_bad_steps=3)
+    c = warm(tmp_path / "nan", rewards="format=1,poison=1", steps=6, max_bad_steps=3)
     with pytest.raises(data.UserError, match="3 optimizer steps in a row had a NaN/Inf"):
         grpo.main(c)
     rows = [json.loads(l) for l in (c.out / "metrics.jsonl").read_text().splitlines()]
@@ -410,28 +407,28 @@ def snapshot(folder):
     return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(Path(folder).rglob("*")) if p.name != ".lock"}
 
 
-def test_a_run_folder_is_never_clobbered_by_a_failed_or_second_start(tmp_path, probe_folder, warm_start):
-    run = warm(tmp_path / "run", probe_folder, warm_start, steps=2)
+def test_a_run_folder_is_never_clobbered_by_a_failed_or_second_start(tmp_path, warm):
+    run = warm(tmp_path / "run", steps=2)
     grpo.main(run)
     before = snapshot(run.out)
     assert (run.out / "final").is_dir() and (run.out / "checkpoints" / "latest").exists()
     # a mistyped --model or --dataset, even with --overwrite: one line, no traceback, nothing touched
     for bad in (["--model", str(tmp_path / "no_such_model")], ["--dataset", str(tmp_path / "no_such_data")]):
-        p = run_cli(cli(warm(run.out, probe_folder, warm_start, overwrite=True)) + bad)
+        p = run_cli(cli(warm(run.out, overwrite=True)) + bad)
         log, _ = p.communicate(timeout=600)
         assert p.returncode == 2 and "Traceback" not in log and log.strip().splitlines()[-2].startswith("error: "), log
     # a fresh run into it refuses, saying how to go on
     with pytest.raises(data.UserError, match="holds a run \\(2 steps recorded\\): continue it with --resume"):
-        grpo.main(warm(run.out, probe_folder, warm_start))
+        grpo.main(warm(run.out))
     # a live run holds the folder: a second one refuses, naming it
     lock = grpo.RunLock(run.out)
     with pytest.raises(data.UserError, match=f"in use by a live run \\(pid {os.getpid()} on "):
-        grpo.main(warm(run.out, probe_folder, warm_start, overwrite=True))
+        grpo.main(warm(run.out, overwrite=True))
     lock.release()
     assert snapshot(run.out) == before
     # impossible settings are named together, before anything starts
     with pytest.raises(data.UserError, match="--group_size 1: .*--temperature 0.0: .*--grad_clip -1.0: must be > 0"):
-        grpo.main(warm(tmp_path / "new", probe_folder, warm_start, group_size=1, grad_clip=-1.0, temperature=0.0))
+        grpo.main(warm(tmp_path / "new", group_size=1, grad_clip=-1.0, temperature=0.0))
     assert not (tmp_path / "new").exists()
 
 
@@ -448,16 +445,15 @@ def test_stale_tabletop_questions_are_rebuilt_not_reused(tmp_path):
     assert [q.options for q in uniform] != [q.options for q in matched]
 
 
-def test_resume_refuses_other_settings_and_falls_back_past_a_damaged_checkpoint(tmp_path, probe_folder, warm_start,
-                                                                                  capsys):
+def test_resume_refuses_other_settings_and_falls_back_past_a_damaged_checkpoint(tmp_path, warm, capsys):
     with pytest.raises(data.UserError, match="--resume: no complete checkpoint"):
-        grpo.main(warm(tmp_path / "empty", probe_folder, warm_start, resume=True))
-    full = warm(tmp_path / "full", probe_folder, warm_start, steps=4)
+        grpo.main(warm(tmp_path / "empty", resume=True))
+    full = warm(tmp_path / "full", steps=4)
     grpo.main(full)
-    cut = warm(tmp_path / "cut", probe_folder, warm_start, steps=3, export=False)
+    cut = warm(tmp_path / "cut", steps=3, export=False)
     grpo.main(cut)
     with pytest.raises(data.UserError, match="--group_size 4 in the run, 6 now; --lr 0.001 in the run, 0.002 now"):
-        grpo.main(warm(cut.out, probe_folder, warm_start, steps=4, lr=2e-3, group_size=6, resume=True))
+        grpo.main(warm(cut.out, steps=4, lr=2e-3, group_size=6, resume=True))
     # the latest checkpoint (step 2) damaged, as a crash mid-write or a full disk leaves it, and the
     # metrics' last line torn: the run warns, resumes from step 1 and ends exactly where the full one did
     latest = cut.out / "checkpoints" / (cut.out / "checkpoints" / "latest").read_text().strip()
@@ -467,7 +463,7 @@ def test_resume_refuses_other_settings_and_falls_back_past_a_damaged_checkpoint(
     with open(cut.out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "reward/to')
     capsys.readouterr()
-    grpo.main(warm(cut.out, probe_folder, warm_start, steps=4, resume=True))
+    grpo.main(warm(cut.out, steps=4, resume=True))
     printed = capsys.readouterr()
     said = printed.out + printed.err
     assert "checkpoint" in said and "step_000002 is damaged" in said and "resumed from" in said and "step_000001" in said
@@ -484,12 +480,12 @@ data.cli(lambda: grpo.main(tyro.cli(grpo.Config)))
 """
 
 
-def test_a_nan_on_one_rank_skips_that_optimizer_step_on_every_rank(tmp_path, probe_folder, warm_start):
+def test_a_nan_on_one_rank_skips_that_optimizer_step_on_every_rank(tmp_path, probe_folder, warm):
     """Two gloo ranks, two optimizer steps per rollout. One question of rank 1 at step 0 gets a NaN reward:
     that rank's first optimizer step has a NaN loss. Both ranks must skip exactly that step and take the
     next (with --max_bad_steps 2, a rank that counted its later steps as bad, or decided alone, would abort
     or leave the other waiting)."""
-    c = warm(tmp_path / "nan", probe_folder, warm_start, steps=3, rollout_prompts=8, update_prompts=4, micro_prompts=2,
+    c = warm(tmp_path / "nan", steps=3, rollout_prompts=8, update_prompts=4, micro_prompts=2,
              gen_prompts=4, max_bad_steps=2, rewards="format=1,choice=1,poison=1", export=False)
     qs = data.load_samples(probe_folder)
     idx, _ = grpo.step_questions(len(qs), 0, c, rank=1, world=2)
@@ -504,7 +500,7 @@ def test_a_nan_on_one_rank_skips_that_optimizer_step_on_every_rank(tmp_path, pro
     assert math.isnan(rows[0]["reward/poison"]) and rows[1]["reward/poison"] == 0.0
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, probe_folder, warm_start, monkeypatch, capsys):
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, warm, monkeypatch, capsys):
     import errno
     import torch.distributed.checkpoint as dcp
     real_save, calls = dcp.save, []
@@ -516,14 +512,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, probe_f
             raise OSError(errno.ENOSPC, "No space left on device", kwargs["checkpoint_id"])
         return real_save(*args, **kwargs)
     monkeypatch.setattr(dcp, "save", save_until_the_disk_fills)
-    c = warm(tmp_path / "full_disk", probe_folder, warm_start, steps=3)
+    c = warm(tmp_path / "full_disk", steps=3)
     with pytest.raises(SystemExit) as exit_code:
         data.cli(lambda: grpo.main(c))
     assert exit_code.value.code == 2
     assert "error: no space left on the device while writing" in capsys.readouterr().err
     assert [p.name for p in grpo.checkpoints(c.out)] == ["step_000000"]
     monkeypatch.setattr(dcp, "save", real_save)
-    grpo.main(warm(c.out, probe_folder, warm_start, steps=3, resume=True))     # and the run goes on from it
+    grpo.main(warm(c.out, steps=3, resume=True))     # and the run goes on from it
     assert [json.loads(l)["step"] for l in (c.out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
