@@ -486,11 +486,13 @@ def correct_answer(q):
 
 def rationale(q, answer, think="gripper"):
     """The thought a written completion gives before `answer` (--think): 'gripper', the fixed words 'the
-    gripper'; 'option', the text of the option the answer names ('[[B]]' -> q.options[1]), or an open
-    answer itself."""
+    gripper'; 'option', the option the answer names as the prompt prints it, its line end included
+    ('[[B]]' -> q.options[1] + '\n'), or an open answer itself. The line end matters: a tokenizer splits
+    ' back right\n' as it does in the prompt's option line, and ' back right </think>' otherwise (our
+    BPE: 'right' there, 'righ' 't ' here), so finding the letter is a match of the same tokens."""
     if think == "gripper":
         return "the gripper"
-    return q.options[data.LETTERS.index(answer[2])] if q.options else answer
+    return q.options[data.LETTERS.index(answer[2])] + "\n" if q.options else answer
 
 
 def written(questions, answers, processor, device, think="gripper"):

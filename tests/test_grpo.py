@@ -149,17 +149,22 @@ def test_grpo_learns_an_image_dependent_task_and_flipped_advantages_do_not(tmp_p
 
 def test_written_completions_think_the_gripper_or_the_option_they_name():
     """SFT's written completions (and the format warm-up's): --think gripper writes the fixed words, --think
-    option the text of the option the answer names (an open answer, itself); the tokens decode to that text."""
+    option the option the answer names with its line end (an open answer, itself); the tokens decode to that
+    text, and an option's thought is the very token run that its line has in the prompt."""
     _, proc = M.load("tiny")
     shuffled = data.probe_samples(4, 0, shuffled=True)
     open_q = data.Sample("open/0", "t", "waypoint_open", None, "where?", [], "[0.100, 0.200, 0.900]", [0.1, 0.2, 0.9])
     questions, answers = shuffled + [open_q], ["[[A]]", "[[B]]", "[[C]]", "[[D]]", open_q.answer]
+    ids = lambda text: proc.tokenizer(text, add_special_tokens=False)["input_ids"]
     for think in ("gripper", "option"):
         groups = grpo.written(questions, answers, proc, "cpu", think)
         for q, a, g in zip(questions, answers, groups):
-            thought = "the gripper" if think == "gripper" else q.options["ABCD".index(a[2])] if q.options else a
+            thought = "the gripper" if think == "gripper" else q.options["ABCD".index(a[2])] + "\n" if q.options else a
             assert g.texts == [f"<think> {thought} </think> <answer> {a} </answer>"]
             assert proc.decode(g.tokens, g.mask) == g.texts
+            if think == "option" and q.options:
+                run, prompt = ids(" " + thought), ids(q.prompt)
+                assert any(prompt[i:i + len(run)] == run for i in range(len(prompt))), (thought, q.prompt)
     assert len({g.texts[0].split(" </think>")[0] for g in groups[:4]}) > 1        # the thought follows the letter
 
 
