@@ -124,9 +124,10 @@ class Config:
     """preset models only: supervised steps on the answer format with random letters [tiny 100, real 0]"""
     think: Literal["gripper", "option"] = "gripper"
     """what written completions (SFT, format warm-up) put between <think> and </think>: 'gripper', the fixed
-    words 'the gripper'; 'option', the text of the option the answer names (a one-line rationale: the letter
-    becomes a lookup of what was just written; README, 'finding the letter'). A position is ~20 tokens:
-    sampling its thought needs --max_new_tokens ~48 (tiny's 24 fits the probe's colours)"""
+    words 'the gripper'; 'option', the option the answer names as the prompt prints it, line end included
+    (a one-line rationale: the letter becomes a lookup of what was just written; README, 'finding the
+    letter'). A position is ~20 tokens: sampling its thought needs --max_new_tokens ~48 (tiny's 24 fits the
+    probe's colours)"""
     save_every: int = 10
     """checkpoint every n steps (and at the end)"""
     resume: bool = False
@@ -407,7 +408,8 @@ def format_warmup(model, processor, questions, cfg, device, log):
     model gets it here, by supervised steps on that format with the letter X drawn at random: it
     learns how to answer, not what (its answers stay at chance, 25%). With --think option the thought is
     the text of X's option: the lookup from a thought to its letter is then part of the lesson (on the
-    shuffled probe not learned in 500 steps: README, "GRPO against SFT, in miniature")."""
+    shuffled probe not learned in 500 steps, measured before the thought had its line end: README, "GRPO
+    against SFT, in miniature")."""
     rng = np.random.default_rng([cfg.seed, 77])
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     # The learning rate decays to 0 and the gradient norm is clipped: at a constant 5e-3, Adam's last steps
