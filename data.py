@@ -249,9 +249,14 @@ def make_prompt(kind, instruction, current_xyz, options=(), question=None):
     if not options:
         example = "[x, y, z]" if question is None else "[your answer]"
         return text + "## Question\n" + (question or QUESTIONS["waypoint"]) + "\n" + OUTPUT_FORMAT.format(example=example)
-    lines = "\n".join(f"[[{LETTERS[i]}]] {o}" for i, o in enumerate(options))
-    return (text + "## Choice Question\n" + (question or QUESTIONS[kind]) + "\nChoose the most accurate option:\n" + lines + "\n"
-            + OUTPUT_FORMAT.format(example="[[A]]"))
+    return text + "## Choice Question\n" + (question or QUESTIONS[kind]) + "\n" + choices(options)
+
+
+def choices(options):
+    """The end of every multiple-choice prompt: the instruction, one line per option ('[[B]] back right\n'),
+    the answer format. grpo.rationale's option thought is an option as this line prints it."""
+    lines = "".join(f"[[{L}]] {o}\n" for L, o in zip(LETTERS, options))
+    return "Choose the most accurate option:\n" + lines + OUTPUT_FORMAT.format(example="[[A]]")
 
 
 PROBE_COLOURS = ("red", "green", "blue", "yellow")
@@ -277,8 +282,7 @@ def probe_samples(n, seed=0, shuffled=False):
         # the order from a stream of its own: the same images and colours, shuffled or not
         order = np.random.default_rng([seed, 32, i]).permutation(4) if shuffled else range(4)
         options = [PROBE_COLOURS[j] for j in order]
-        prompt = "<image>\nWhat colour is the mat on the table?\nChoose the most accurate option:\n" + "\n".join(
-            f"[[{L}]] {c}" for L, c in zip(LETTERS, options)) + "\n" + OUTPUT_FORMAT.format(example="[[A]]")
+        prompt = "<image>\nWhat colour is the mat on the table?\n" + choices(options)
         right = options.index(PROBE_COLOURS[k])
         out.append(Sample(f"{kind}/{i:05d}", PROBE, kind, image, prompt, options, LETTERS[right], options[right]))
     return out
