@@ -369,22 +369,29 @@ def build_models(cfg, questions, device, rank, log):
     A checkpoint under torchrun loads lean (model.load_sharded): built on the meta device, sharded, and
     each rank reads only its own rows from the files; the reference straight into the compute dtype
     (bf16 on GPUs), loaded again rather than copied. A preset starts from random weights and the format
-    warm-up, on every rank alike, and is then checkpointed and sharded like the rest."""
+    warm-up, on every rank alike, and is then checkpointed and sharded like the rest; resumed, from the
+    warm-up's export, OUT/start."""
     low = compute_dtype(device)
     fsdp = dict(param_dtype=low, reduce_dtype=torch.float32)
     mesh = None
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    if mesh is not None and cfg.model not in M.PRESETS:
-        policy, processor = M.load_sharded(cfg.model, mesh, torch.float32, cfg.checkpointing, **fsdp)
-        ref = M.load_sharded(cfg.model, mesh, low, **fsdp)[0] if uses_ref(cfg) else None
+    source = cfg.model
+    if cfg.resume and source in M.PRESETS and (cfg.out / "start" / "model.safetensors").exists():
+        # A resumed preset run starts from the warm-up it exported before its first checkpoint (a fresh
+        # run clears OUT/start): the same weights, bit for bit, without repeating the warm-up. The
+        # reference is that start; the policy's weights come from the checkpoint next (resume).
+        source = str(cfg.out / "start")
+    if mesh is not None and source not in M.PRESETS:
+        policy, processor = M.load_sharded(source, mesh, torch.float32, cfg.checkpointing, **fsdp)
+        ref = M.load_sharded(source, mesh, low, **fsdp)[0] if uses_ref(cfg) else None
         processor = M.with_pixels(processor, cfg.min_pixels, cfg.max_pixels)
     else:
         torch.manual_seed(cfg.seed)
-        policy, processor = M.load(cfg.model, torch.float32, "cpu", seed=cfg.seed, min_pixels=cfg.min_pixels,
+        policy, processor = M.load(source, torch.float32, "cpu", seed=cfg.seed, min_pixels=cfg.min_pixels,
                                    max_pixels=cfg.max_pixels)
-        if cfg.format_warmup and cfg.model in M.PRESETS:
+        if cfg.format_warmup and source in M.PRESETS:
             format_warmup(policy, processor, questions, cfg, device, log)
             if rank == 0 and cfg.export:            # the starting point eval.py compares against
                 M.save_hf(policy.state_dict(), policy.config, processor, cfg.out / "start")

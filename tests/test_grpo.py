@@ -366,7 +366,7 @@ def test_activation_checkpointing_changes_nothing(tmp_path, warm):
         assert torch.equal(outs[0][k], outs[1][k]), k
 
 
-def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe_folder):
+def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe_folder, capsys):
     from transformers import Qwen2_5_VLForConditionalGeneration
     full = small(tmp_path / "full", probe_folder, steps=5)
     grpo.main(full)
@@ -381,8 +381,14 @@ def test_killed_run_resumes_exactly_and_exports_for_transformers(tmp_path, probe
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert latest.exists() and not (cut.out / "final").exists(), "killed before the end"
+    start = snapshot(cut.out / "start")
+    capsys.readouterr()
     grpo.main(small(tmp_path / "cut", probe_folder, steps=5, resume=True))
+    log = capsys.readouterr().out
     assert_same_run(full.out, cut.out)
+    # the resumed preset run starts from the warm-up's export, OUT/start: not warmed up (nor exported) again
+    assert "resumed from" in log and "format warm-up" not in log, log
+    assert snapshot(cut.out / "start") == start
     # the export is a Hugging Face checkpoint
     ours, proc = M.load(str(cut.out / "final"))
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(cut.out / "final").eval()
