@@ -55,8 +55,9 @@ KINDS = ("waypoint", "state", "movement", "waypoint_open")      # built from dem
 SCENE = "scene"                                                  # built by scene_samples
 PROBE = "probe"                                                  # built by probe_samples
 PROBE_SHUFFLED = "probe_shuffled"                                # the same, its options in a random order
+LOOKUP = "lookup"                                                # built by lookup_samples
 PROBES = (PROBE, PROBE_SHUFFLED)                                 # need no demonstrations
-ALL_KINDS = KINDS + (SCENE,) + PROBES
+ALL_KINDS = KINDS + (SCENE, LOOKUP) + PROBES
 LETTERS = "ABCD"
 
 
@@ -358,6 +359,27 @@ def scene_samples(episodes, every=10, seed=0):
     return out
 
 
+def lookup_samples(questions, seed=0):
+    """The step between knowing an answer and naming its letter, as a lesson of its own: each multiple-
+    choice question asked again as 'Which option reads "X"?', X one of its own options (the letter asked
+    for balanced, and independent of the question's answer). The prompt, image and options are the
+    question's own, so the lookup spans the same distance as in the question it stands for: from the
+    scene's options, across the Robot-R1 header. A base that cannot do this step gets every scene answer
+    right in its thought and the letter at chance (the README's "GRPO against SFT, in miniature").
+    It never yields Robot-R1's kinds: the base learns it with the scene questions."""
+    letters = np.random.default_rng([seed, 41]).permutation(np.resize(np.arange(4), len(questions)))
+    out = []
+    for q, right in zip(questions, letters):
+        if not q.options or "## Choice Question\n" not in q.prompt:
+            raise ValueError(f"{q.id}: a lookup is built from a multiple-choice question of the paper's layout")
+        head = q.prompt[:q.prompt.index("## Choice Question\n")]
+        asked = q.options[right]
+        prompt = head + f'## Choice Question\nWhich option reads "{asked}"?\n' + choices(q.options)
+        out.append(Sample(f"{q.id}/lookup", q.task, LOOKUP, q.image, prompt, list(q.options), LETTERS[right], asked,
+                          {**q.meta, "source": q.id}))
+    return out
+
+
 def uniform_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
     """The paper's rule: n positions uniform in the workspace, 3 decimals, >= min_dist from the answer and
     from each other. Text alone can find the answer among them (README: blind baselines), so the
@@ -536,14 +558,15 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
 
 
 def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False, distractors="matched"):
-    """build_samples for the demonstration kinds, scene_samples for 'scene', plus, for 'probe' and
-    'probe_shuffled' among the kinds, probe questions: as many as all the others together, or 512 on their
-    own (each)."""
+    """build_samples for the demonstration kinds, scene_samples for 'scene', lookup_samples of the scene
+    questions for 'lookup', plus, for 'probe' and 'probe_shuffled' among the kinds, probe questions: as many
+    as all the others together, or 512 on their own (each)."""
     demo_kinds = [k for k in kinds if k in KINDS]
     samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress,
                             distractors=distractors) if demo_kinds else []
-    if SCENE in kinds:
-        samples += scene_samples(episodes, every, seed)
+    scene = scene_samples(episodes, every, seed) if {SCENE, LOOKUP} & set(kinds) else []
+    samples += scene if SCENE in kinds else []
+    samples += lookup_samples(scene, seed) if LOOKUP in kinds else []
     others = len(samples)
     for kind in PROBES:
         if kind in kinds:
@@ -658,8 +681,8 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         tasks: built-in task names (with --rlbench: RLBench task folders; empty = all found).
         episodes: demonstrations per built-in task.
         out: output folder (samples.jsonl, images/, manifest.json, preview.png).
-        kinds: question kinds: waypoint, state, movement, waypoint_open; scene (pre-training, simulator only),
-            probe, probe_shuffled.
+        kinds: question kinds: waypoint, state, movement, waypoint_open; scene and lookup (pre-training,
+            simulator only), probe, probe_shuffled.
         every: take every n-th frame as a current frame.
         seed: seed of the demonstrations and the questions.
         rlbench: read demonstrations from this RLBench dataset folder instead of simulating.

@@ -201,6 +201,29 @@ def test_scene_questions_ask_about_the_scene_never_robot_r1s_kinds(episodes):
     assert len(orders) == 24, "region options in every order: their order must not point at the answer"
 
 
+def test_a_lookup_asks_a_scene_question_back_by_one_of_its_options(episodes):
+    """data.lookup_samples: the scene question's own prompt, image and options, its question line replaced by
+    'Which option reads "X"?'; the letter of X is the answer, balanced, and unrelated to the scene answer."""
+    scene = data.scene_samples(episodes[::4], seed=4)
+    qs = data.lookup_samples(scene, seed=4)
+    assert len(qs) == len(scene) > 100 and {q.kind for q in qs} == {data.LOOKUP}
+    robot_r1 = list(data.QUESTIONS.values()) + ["## Current Robot State"]
+    assert not [q.id for q in qs if any(text in q.prompt for text in robot_r1)]
+    for q, s in zip(qs, scene):
+        asked = q.options[data.LETTERS.index(q.answer)]
+        assert q.options == s.options and q.image is s.image and q.target == asked
+        line = f'Which option reads "{asked}"?\n'
+        assert q.prompt.replace(line, "") == s.prompt.replace(s.prompt.split("## Choice Question\n")[1].split("\n")[0] + "\n", "")
+    counts = Counter(q.answer for q in qs)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    same = np.mean([q.answer == s.answer for q, s in zip(qs, scene)])
+    assert 0.15 < same < 0.35, same                                   # the scene's answer does not tell it
+    built = data.make_questions(episodes[::4], ("lookup",), seed=4)
+    assert [q.prompt for q in built] == [q.prompt for q in qs]
+    with pytest.raises(ValueError, match="multiple-choice"):
+        data.lookup_samples(data.build_samples(episodes[:1], kinds=("waypoint_open",)))
+
+
 def test_probe_answers_are_in_the_image_alone():
     qs = data.probe_samples(40, seed=2)
     assert {q.prompt.split("<image>")[1] for q in qs} == {qs[0].prompt.split("<image>")[1]}    # one text for all
