@@ -568,7 +568,8 @@ def evaluate(model, proc, cfg, rank=0, world=1, device="cpu", judge_cfg=None, na
     eps = [e for t in data.TRAIN_TASKS + data.HELDOUT_TASKS for e in data.generate_episodes(t, cfg["episodes"], cfg["seed"])]
     if "choice" in cfg["sections"]:
         qs = data.build_samples(eps, data.KINDS, every=cfg["every"], seed=cfg["seed"], distractors=cfg["distractors"])
-        qs += data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []   # --scene
+        scene = data.scene_samples(eps, cfg["every"], cfg["seed"]) if cfg.get("scene") else []   # --scene
+        qs += scene + data.lookup_samples(scene, cfg["seed"])     # and each asked back by an option's text
         probes = [q for shuffled in (False, True) for q in data.probe_samples(32, cfg["seed"], shuffled)]
         qs = (qs + probes)[rank::world]                                     # the tiny preset's sanity tasks
         texts, lengths = answers(model, proc, qs, cfg["max_new_tokens"], cfg["batch_size"], device, f"{name}: choice", rank == 0)
@@ -624,7 +625,9 @@ def main(model: str = "runs/robot_r1/final", compare: str | None = "auto", ckpt:
         distractors: how the wrong options are drawn: 'matched' (text alone cannot find the answer) or
             'uniform' (the paper's rule); see data.build_samples. The report gives the best text-only
             rule's accuracy beside every model's either way.
-        scene: also ask the scene questions (data.scene_samples), which eval.py experiment's base learns.
+        scene: also ask the scene questions (data.scene_samples), which eval.py experiment's base learns,
+            and their lookups (data.lookup_samples: text answers them; they show whether a model names the
+            letter of an option it has in mind).
     """
     import torch.distributed as dist
     rank, world, device = M.setup_distributed(group_on_one_gpu=False)

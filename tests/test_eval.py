@@ -177,6 +177,8 @@ def test_experiment_pipeline_writes_every_promised_file(tmp_path):
     assert arms["sft"]["model"] == arms["grpo"]["model"] == str(runs / "base" / "final")
     for f in ("report.md", "report.json", "choice.png"):
         assert (runs / "report" / f).exists()
+    report = json.loads((runs / "report" / "report.json").read_text())
+    assert {"scene/In", "lookup/In"} <= set(report["summary"][0]["choice"])   # the scene, and its lookups
     for f in ("summary.md", "summary.json", "summary.png"):
         assert (out / f).exists()
     assert set(summary["arms"]) == set(E.ARMS) and "waypoint/In" in summary["arms"]["grpo"]
