@@ -63,10 +63,10 @@ class Config:
     episodes: int | None = None
     """tabletop demonstrations per task [paper 50, tiny 12; unused by the probe]"""
     kinds: tuple[str, ...] | None = None
-    """question kinds: waypoint, state, movement, waypoint_open, scene, lookup (a scene question's options
-    asked back by name: data.lookup_samples), and probe (data.probe_samples: an
-    image-dependent sanity question a tiny model can learn on a CPU; probe_shuffled: its options in a random
-    order) [paper: waypoint state movement; tiny: probe]"""
+    """question kinds: waypoint, state, movement, waypoint_open, scene, lookup (each scene question asked back
+    by one of its options: data.lookup_samples), and probe (data.probe_samples: an image-dependent sanity
+    question a tiny model can learn on a CPU; probe_shuffled: its options in a random order)
+    [paper: waypoint state movement; tiny: probe]"""
     distractors: str = "matched"
     """tabletop questions' wrong options: 'matched' (from the answers' own distribution, so that only the
     image tells the answer) or 'uniform' (the paper's rule, which text alone mostly sees through)"""
