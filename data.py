@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import re
 import textwrap
 import time
 from collections import Counter
@@ -634,7 +635,7 @@ def load_samples(folder):
 
 def contact_sheet(samples, episodes_by_id=None, n=6, camera=FRONT_CAMERA):
     """A picture of n questions: the image, scaled up, with the current position (green ring) and the
-    next keypoint (red cross) projected on it, and the question's options beside it, answer in bold."""
+    next keypoint (red cross) projected on it, and the question and its options beside it, answer in bold."""
     cell_w, img_w = 900, 448
     sheet = Image.new("RGB", (cell_w * 2, (n + 1) // 2 * (img_w + 16) + 40), "white")
     draw = ImageDraw.Draw(sheet)
@@ -658,9 +659,11 @@ def contact_sheet(samples, episodes_by_id=None, n=6, camera=FRONT_CAMERA):
             d.line([u1 - 9, v1 + 9, u1 + 9, v1 - 9], fill=(230, 0, 0), width=4)
         sheet.paste(big, (x0, y0))
         tx, ty = x0 + img_w + 10, y0
-        lines = [(f"{s.task}  ·  {s.kind}", font, "black"), (s.meta.get("instruction", ""), small, "black"),
-                 (f"current {fmt_xyz(s.meta['current'])}" if "current" in s.meta else "", small, "black"),
-                 ("", small, "black")]
+        question = re.search(r"(?:## (?:Choice )?Question\n|<image>\n)([^\n]+)\n", s.prompt)
+        lines = [(f"{s.task}  ·  {s.kind}", font, "black"), (s.meta.get("instruction", ""), small, "black")]
+        lines += [(piece, small, (90, 90, 90)) for piece in textwrap.wrap(question[1] if question else "", 70)]
+        lines += [(f"current {fmt_xyz(s.meta['current'])}" if "current" in s.meta else "", small, "black"),
+                  ("", small, "black")]
         for j, o in enumerate(s.options or [f"answer: {s.answer}"]):
             right = not s.options or LETTERS[j] == s.answer
             text = (f"[[{LETTERS[j]}]] " if s.options else "") + o + ("   <- answer" if s.options and right else "")
