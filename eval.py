@@ -95,6 +95,32 @@ def score_choice(questions, texts, lengths):
     return rows
 
 
+def letter_given_thought(model, proc, questions, batch_size=16, device="cpu"):
+    """Finding the letter, measured apart from seeing: each multiple-choice question's completion is
+    written with the right option's text as its thought (grpo.py --think option) and each of the four
+    letters as its answer; the model picks the letter whose completion it finds likeliest (teacher
+    forcing, no sampling). -> {row ('scene:object_region', 'lookup:height', ...): accuracy}. A model at
+    chance here cannot turn a right thought into a right letter, whatever it sees."""
+    import grpo
+    hits = {}
+    for i in range(0, len(questions), batch_size):
+        part = [q for q in questions[i:i + batch_size] if q.options]
+        if not part:
+            continue
+        thoughts = [grpo.rationale(q, grpo.correct_answer(q), "option") for q in part]
+        ids = [proc.tokenizer(grpo.ANSWER.format(t, f"[[{L}]]"), add_special_tokens=False)["input_ids"]
+               for t in thoughts for L in data.LETTERS]                                   # 4 per question
+        T = max(map(len, ids))
+        completions = torch.tensor([x + [proc.pad_id] * (T - len(x)) for x in ids], device=device)  # (4B, T)
+        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=device)
+        with torch.no_grad():
+            logp = model.completion_logprobs(proc.encode(part).to(device), completions, mask)  # (4B, T)
+        best = (logp * mask).sum(1).view(len(part), len(data.LETTERS)).argmax(1)               # (B,)
+        for q, b in zip(part, best.tolist()):
+            hits.setdefault(_group(q), []).append(float(data.LETTERS[b] == q.answer))
+    return {row: mean(v) for row, v in sorted(hits.items())}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Blind baselines: how much of a multiple-choice score the text alone explains
 # ----------------------------------------------------------------------------------------------------

@@ -227,3 +227,28 @@ def test_the_best_constant_answer_is_the_blind_baseline_of_the_table_quarters():
             answers = [q.target for q in qs if q.meta["question"] == question and q.task == task]
             rate = blind[f"scene:{question}/{split}"]["the most frequent answer"]
             assert rate == pytest.approx(answers.count(top) / len(answers)), (question, split)
+
+
+def test_letter_given_thought_scores_each_letter_of_each_question_in_its_own_place():
+    """Batched (questions of different lengths padded together, four completions per prompt) it picks the
+    same letters as scoring each question's four completions one at a time."""
+    import torch
+    import grpo
+    import model as M
+    policy, proc = M.load("tiny", seed=4)
+    policy.eval()
+    qs = data.probe_samples(3, seed=5, shuffled=True) + data.scene_samples(data.generate_episodes("pick_up_cup", 1, 5), 20, 5)[:5]
+    picked = []
+    for q in qs:
+        scores = []
+        for L in data.LETTERS:
+            text = grpo.ANSWER.format(grpo.rationale(q, grpo.correct_answer(q), "option"), f"[[{L}]]")
+            ids = torch.tensor([proc.tokenizer(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                scores.append(float(policy.completion_logprobs(proc.encode([q]), ids, torch.ones_like(ids)).sum()))
+        picked.append(data.LETTERS[int(np.argmax(scores))])
+    assert len(set(picked)) > 1                       # letters that differ, so a mix-up would show
+    rows = {}
+    for q, L in zip(qs, picked):
+        rows.setdefault(E._group(q), []).append(float(L == q.answer))
+    assert E.letter_given_thought(policy, proc, qs, batch_size=3) == pytest.approx({k: np.mean(v) for k, v in rows.items()})
