@@ -8,7 +8,8 @@
 Four measurements, each on tasks seen in training ("In") and held-out tasks ("Out"), greedy decoding
 (temperature 0, as the paper):
   1. multiple choice   accuracy per question kind and task, format rate, response length; the
-                       open-ended waypoint variant: L1 / L2 error in metres and clip(1 - L1)
+                       open-ended waypoint variant: L1 / L2 error in metres and clip(1 - L1);
+                       letter_given_thought: the letter alone, given the right option's text as thought
   2. bench             open questions in Robot-R1 Bench's categories, from simulator ground truth:
                        movement and spatial scored 0-3 by rules; planning and high-level action (and
                        all four, when --judge_url is given) by an LLM judge with the paper's rubric
