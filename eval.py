@@ -111,9 +111,7 @@ def letter_given_thought(model, proc, questions, batch_size=16, device="cpu"):
         thoughts = [grpo.rationale(q, grpo.correct_answer(q), "option") for q in part]
         ids = [proc.tokenizer(grpo.ANSWER.format(t, f"[[{L}]]"), add_special_tokens=False)["input_ids"]
                for t in thoughts for L in data.LETTERS]                                   # 4 per question
-        T = max(map(len, ids))
-        completions = torch.tensor([x + [proc.pad_id] * (T - len(x)) for x in ids], device=device)  # (4B, T)
-        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=device)
+        completions, mask = grpo.padded(ids, proc.pad_id, device)                             # (4B, T)
         with torch.no_grad():
             logp = model.completion_logprobs(proc.encode(part).to(device), completions, mask)  # (4B, T)
         best = (logp * mask).sum(1).view(len(part), len(data.LETTERS)).argmax(1)               # (B,)

@@ -511,10 +511,16 @@ def written(questions, answers, processor, device, think="gripper"):
     forcing trains on it."""
     texts = [ANSWER.format(rationale(q, a, think), a) for q, a in zip(questions, answers)]
     ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + processor.eos_ids[:1] for t in texts]
+    tokens, mask = padded(ids, processor.pad_id, device)
+    return [Group(q, tokens[k:k + 1], mask[k:k + 1], [t], advantages=torch.ones(1, device=device))
+            for k, (q, t) in enumerate(zip(questions, texts))]
+
+
+def padded(ids, pad_id, device):
+    """Token lists -> (tokens, mask), each (N, T): right-padded to the longest, mask 1 on real tokens."""
     T = max(map(len, ids))
-    return [Group(q, torch.tensor([i + [processor.pad_id] * (T - len(i))], device=device),
-                  torch.tensor([[1] * len(i) + [0] * (T - len(i))], device=device), [t],
-                  advantages=torch.ones(1, device=device)) for q, i, t in zip(questions, ids, texts)]
+    return (torch.tensor([i + [pad_id] * (T - len(i)) for i in ids], device=device),
+            torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i in ids], device=device))
 
 
 def score(groups, weights):
