@@ -479,10 +479,13 @@ PRESETS = {  # random-weight models in Qwen2.5-VL's architecture
                  vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
                  min_pixels=112 * 112, max_pixels=112 * 112),
     # eval.py's experiment: the base pre-trained on scene questions (3.6M parameters; 36 image tokens).
-    # rope_theta 4: at 1e4 M-RoPE turns one image column by 0.003 rad and the base cannot tell where things
-    # are (tests/test_model.py's square; the README's "GRPO against SFT, in miniature")
+    # M-RoPE over head_dim 32 (16 rotary pairs, pair i turning 1000^(-i/16) rad per step): an image's rows
+    # turn pairs 1-2 (0.65, 0.42 rad per row), its columns pairs 3-15 (0.27 rad per column, then slower);
+    # at rope_theta 1e4 and 4/6/6 a column turns by 0.003 rad and a base cannot tell where things are
+    # (tests/test_model.py's square). Text turns every pair, the slowest by 0.0015 rad per token, so that a
+    # thought still matches its option line 100+ tokens back (the README's "GRPO against SFT, in miniature")
     "small": dict(text=dict(hidden_size=192, intermediate_size=576, num_hidden_layers=6, num_attention_heads=6,
-                            num_key_value_heads=2, rope_theta=4.0, mrope_section=[4, 6, 6]),
+                            num_key_value_heads=2, rope_theta=1000.0, mrope_section=[1, 2, 13]),
                   vision=dict(depth=3, hidden_size=96, intermediate_size=192, num_heads=4, fullatt_block_indexes=[2]),
                   min_pixels=168 * 168, max_pixels=168 * 168),
 }
