@@ -57,8 +57,10 @@ SCENE = "scene"                                                  # built by scen
 PROBE = "probe"                                                  # built by probe_samples
 PROBE_SHUFFLED = "probe_shuffled"                                # the same, its options in a random order
 LOOKUP = "lookup"                                                # built by lookup_samples
-PROBES = (PROBE, PROBE_SHUFFLED)                                 # need no demonstrations
-ALL_KINDS = KINDS + (SCENE, LOOKUP) + PROBES
+WORDS = "words"                                                  # built by word_samples
+PROBES = (PROBE, PROBE_SHUFFLED)
+NO_DEMOS = PROBES + (WORDS,)                                     # need no demonstrations
+ALL_KINDS = KINDS + (SCENE, LOOKUP, WORDS) + PROBES
 LETTERS = "ABCD"
 
 
@@ -185,7 +187,7 @@ class Sample:
     id: str
     task: str
     kind: str                 # "waypoint" | "state" | "movement" | "waypoint_open"
-    image: object             # PIL image, or a path to one
+    image: object             # PIL image, or a path to one; None: a text-only question (kind words)
     prompt: str               # holds "<image>" where the image goes
     options: list             # 4 option strings (multiple choice) or [] (open)
     answer: str               # "A".."D", or the xyz string for open questions
@@ -381,6 +383,31 @@ def lookup_samples(questions, seed=0):
     return out
 
 
+# English words that our BPE (model.bpe_tokenizer) writes as one token in an option line and in a thought
+WORD_LIST = ("able", "all", "and", "answer", "are", "away", "back", "ball", "base", "bin", "block", "button",
+             "ceiling", "cup", "cyan", "down", "face", "fin", "grasp", "green", "image", "left", "length", "own",
+             "pan", "pin", "pink", "press", "put", "right", "row", "stack", "stand", "target", "think", "under",
+             "up", "war", "ward", "way", "yellow")
+WORD_QUESTIONS = 100_000   # word_samples on their own: enough that none is seen often (a run uses ~170k)
+
+
+def word_samples(n, seed=0):
+    """The letter's lookup on its own, in text: 'Which option reads: X' above four option lines of single
+    words, no image, no header, no output-format paragraph (kind 'words'). It is the second skill of
+    the README's "GRPO against SFT, in miniature" (naming the letter of an option one has in mind) in
+    its easiest form: each option one token, a few tokens from the answer. A small model learns it from
+    random weights only from many fresh questions (~100k), the first lesson of eval.py experiment's base.
+    Letters balanced, deterministic for (n, seed)."""
+    rng = np.random.default_rng([seed, 51])
+    letters = rng.permutation(np.resize(np.arange(4), n))
+    out = []
+    for i, right in enumerate(letters):
+        options = [WORD_LIST[j] for j in rng.choice(len(WORD_LIST), 4, replace=False)]
+        prompt = f"Which option reads: {options[right]}\n" + "".join(f"[[{L}]] {o}\n" for L, o in zip(LETTERS, options))
+        out.append(Sample(f"words/{i:06d}", WORDS, WORDS, None, prompt, options, LETTERS[right], options[right]))
+    return out
+
+
 def uniform_positions(rng, answer, n=3, min_dist=0.1, workspace=WORKSPACE):
     """The paper's rule: n positions uniform in the workspace, 3 decimals, >= min_dist from the answer and
     from each other. Text alone can find the answer among them (README: blind baselines), so the
@@ -561,7 +588,8 @@ def build_samples(episodes, kinds=("waypoint", "state", "movement"), every=10, s
 def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False, distractors="matched"):
     """build_samples for the demonstration kinds, scene_samples for 'scene', lookup_samples of the scene
     questions for 'lookup', plus, for 'probe' and 'probe_shuffled' among the kinds, probe questions: as many
-    as all the others together, or 512 on their own (each)."""
+    as all the others together, or 512 on their own (each); for 'words', word_samples: as many as all the
+    others together, or WORD_QUESTIONS on their own."""
     demo_kinds = [k for k in kinds if k in KINDS]
     samples = build_samples(episodes, demo_kinds, every, seed, stats=stats, progress=progress,
                             distractors=distractors) if demo_kinds else []
@@ -572,13 +600,16 @@ def make_questions(episodes, kinds, every=10, seed=0, stats=None, progress=False
     for kind in PROBES:
         if kind in kinds:
             samples += probe_samples(others or 512, seed, shuffled=kind == PROBE_SHUFFLED)
+    if WORDS in kinds:
+        samples += word_samples(others or WORD_QUESTIONS, seed)
     return samples
 
 
 # ----------------------------------------------------------------------------------------------------
 # Dataset folders: samples.jsonl + images/ + manifest.json + preview.png
 # ----------------------------------------------------------------------------------------------------
-REQUIRED = {"id": str, "task": str, "kind": str, "image": str, "prompt": str, "options": list, "answer": str}
+REQUIRED = {"id": str, "task": str, "kind": str, "image": (str, type(None)), "prompt": str, "options": list,
+            "answer": str}
 
 
 def save_samples(samples, out, manifest=None, progress=True):
@@ -591,11 +622,11 @@ def save_samples(samples, out, manifest=None, progress=True):
     with open(tmp, "w") as f:
         for s in tqdm(samples, desc="writing", unit="q", disable=not progress):
             key = id(s.image)
-            if key not in names:                  # one file per distinct image, numbered, named after the frame
+            if s.image is not None and key not in names:   # one file per distinct image, numbered, named after the frame
                 stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in s.id.rsplit("/", 1)[0])
                 names[key] = f"images/{len(names):06d}_{stem}.png"
                 s.load_image().save(out / names[key])
-            rec = {**asdict(s), "image": names[key]}
+            rec = {**asdict(s), "image": names.get(key)}                # None: a text-only question (words)
             f.write(json.dumps(rec) + "\n")
     tmp.replace(out / "samples.jsonl")
     counts = Counter((s.task, s.kind) for s in samples)
@@ -622,13 +653,15 @@ def load_samples(folder):
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
             for key, typ in REQUIRED.items():
                 if not isinstance(rec.get(key), typ):
-                    raise ValueError(f"{path}:{line_no}: field {key!r} missing or not a {typ.__name__}")
+                    what = "str (null: a text-only question)" if key == "image" else typ.__name__
+                    raise ValueError(f"{path}:{line_no}: field {key!r} missing or not a {what}")
             if rec["kind"] not in ALL_KINDS:
                 raise ValueError(f"{path}:{line_no}: kind {rec['kind']!r} is not one of {ALL_KINDS}")
-            image = folder / rec["image"]
-            if not image.exists():
-                raise FileNotFoundError(f"{path}:{line_no}: image {image} does not exist")
-            rec["image"] = str(image)
+            if rec["image"] is not None:
+                image = folder / rec["image"]
+                if not image.exists():
+                    raise FileNotFoundError(f"{path}:{line_no}: image {image} does not exist")
+                rec["image"] = str(image)
             samples.append(Sample(**{k: rec.get(k) for k in Sample.__dataclass_fields__ if k in rec}))
     return samples
 
@@ -644,7 +677,7 @@ def contact_sheet(samples, episodes_by_id=None, n=6, camera=FRONT_CAMERA):
               fill="black", font=font)
     for i, s in enumerate(samples[:n]):
         x0, y0 = (i % 2) * cell_w + 8, (i // 2) * (img_w + 16) + 40
-        im = s.load_image().convert("RGB")
+        im = s.load_image().convert("RGB") if s.image is not None else Image.new("RGB", (256, 256), (235, 235, 235))
         cam = camera if episodes_by_id is None else (episodes_by_id.get(s.meta.get("episode")) or camera)
         scale = img_w / im.size[0]
         big = im.resize((img_w, int(im.size[1] * scale)), Image.LANCZOS)
@@ -659,7 +692,8 @@ def contact_sheet(samples, episodes_by_id=None, n=6, camera=FRONT_CAMERA):
             d.line([u1 - 9, v1 + 9, u1 + 9, v1 - 9], fill=(230, 0, 0), width=4)
         sheet.paste(big, (x0, y0))
         tx, ty = x0 + img_w + 10, y0
-        question = re.search(r"(?:## (?:Choice )?Question\n|<image>\n)([^\n]+)\n", s.prompt)
+        question = re.search(r"(?:## (?:Choice )?Question\n|<image>\n)([^\n]+)\n", s.prompt) or re.match(
+            r"([^\n]+)\n", s.prompt)                                          # a text-only question's first line
         lines = [(f"{s.task}  ·  {s.kind}", font, "black"), (s.meta.get("instruction", ""), small, "black")]
         lines += [(piece, small, (90, 90, 90)) for piece in textwrap.wrap(question[1] if question else "", 70)]
         lines += [(f"current {fmt_xyz(s.meta['current'])}" if "current" in s.meta else "", small, "black"),
@@ -685,7 +719,7 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
         episodes: demonstrations per built-in task.
         out: output folder (samples.jsonl, images/, manifest.json, preview.png).
         kinds: question kinds: waypoint, state, movement, waypoint_open; scene and lookup (pre-training,
-            simulator only), probe, probe_shuffled.
+            simulator only), words (pre-training, text only), probe, probe_shuffled.
         every: take every n-th frame as a current frame.
         seed: seed of the demonstrations and the questions.
         rlbench: read demonstrations from this RLBench dataset folder instead of simulating.
@@ -708,7 +742,7 @@ def main(tasks: tuple[str, ...] = TRAIN_TASKS, episodes: int = 50, out: Path = P
     check_writable(out)
     if rlbench is not None:
         eps = load_rlbench(rlbench, list(tasks) if tasks != TRAIN_TASKS else None, variation)
-    elif any(k not in PROBES for k in kinds):
+    elif any(k not in NO_DEMOS for k in kinds):
         eps = [ep for task in tqdm(tasks, desc="demonstrating", unit="task")
                for ep in generate_episodes(task, episodes, seed)]
     else:

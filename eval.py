@@ -877,13 +877,18 @@ ROBOT_R1_KINDS = ("waypoint", "state", "movement")
 
 
 def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0, 1, 2), model: str = "small",
-               pretrain_steps: int = 300, steps: int = 100, train_episodes: int = 12, episodes: int = 2,
-               loop_episodes: int = 2, every: int = 10, lr: float = 1e-4, think: str = "gripper"):
+               word_steps: int = 2500, pretrain_steps: int = 300, pretrain_prompts: int = 64, steps: int = 100,
+               train_episodes: int = 12, episodes: int = 2, loop_episodes: int = 2, every: int = 10,
+               lr: float = 1e-4, think: str = "option"):
     """Robot-R1's claim in miniature (Kim et al., Robot-R1, arXiv 2506.00070, Tables 2-3: SFT gains on the
     training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Per seed:
-      base   a preset model pre-trained by SFT on scene questions (data.scene_samples: where objects are,
-             which quarter of the table, how high the hand is; never Robot-R1's kinds), which stands in for
-             a VLM's general knowledge
+      base   a preset model pre-trained by SFT in two lessons, which stand in for a VLM's general knowledge:
+             words  naming the letter of the option one has in mind (data.word_samples: text only, one
+                    token per option; a small model learns it from random weights only from ~100k fresh
+                    questions, README "GRPO against SFT, in miniature")
+             base   scene questions (data.scene_samples: where objects are, which quarter of the table,
+                    how high the hand is), each asked back by one of its options (data.lookup_samples),
+                    and more word questions; never Robot-R1's kinds
       sft    the base, fine-tuned on Robot-R1's questions' correct answers  (grpo.py --algorithm sft)
       grpo   the base, trained with GRPO and the paper's reward               (grpo.py)
 
@@ -896,7 +901,9 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
         out: experiment folder: seed_N/{base,sft,grpo} runs, seed_N/report, summary.*
         seeds: one experiment per seed (data, weights, sampling).
         model: preset the base starts from.
-        pretrain_steps: SFT steps on scene questions for the base.
+        word_steps: SFT steps of the base's first lesson, word questions (lr 1e-3).
+        pretrain_steps: SFT steps of its second lesson, scene questions, their lookups and word questions.
+        pretrain_prompts: prompts per step of both lessons (a lesson's questions are many and cheap).
         steps: optimizer steps of each arm.
         train_episodes: training demonstrations per task (5 tasks), for the scene and Robot-R1 questions.
         episodes: evaluation demonstrations per task.
@@ -904,16 +911,18 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
         every: evaluation questions at every n-th frame.
         lr: both arms' learning rate. At 1e-3 (the tiny preset's) GRPO broke the small base's answer format
             within 10 steps (format rate 100% -> 0%, every group's reward 0, no recovery); at 1e-4 it holds.
-        think: what the base's and the SFT arm's written completions think (grpo.py --think): 'gripper', or
-            'option', the text of the option they name.
+        think: what the base's and the SFT arm's written completions think (grpo.py --think): 'option',
+            the text of the option they name (the letter is then a lookup of the thought, the lesson the
+            word questions teach), or 'gripper'.
     """
     import grpo
     problems = [m for ok, m in (
         (model in M.PRESETS, f"--model {model}: the experiment starts from a preset: {' '.join(M.PRESETS)}"),
         (seeds, "--seeds: give at least one"),
         (0 < lr < 1, f"--lr {lr}: must be in (0, 1)"),
-        (min(pretrain_steps, steps, train_episodes, episodes, every) >= 1,
-         "--pretrain_steps, --steps, --train_episodes, --episodes, --every: each at least 1"),
+        (min(word_steps, pretrain_steps, pretrain_prompts, steps, train_episodes, episodes, every) >= 1,
+         "--word_steps, --pretrain_steps, --pretrain_prompts, --steps, --train_episodes, --episodes, --every: "
+         "each at least 1"),
         (loop_episodes >= 0, f"--loop_episodes {loop_episodes}: must be at least 0")) if not ok]
     if problems:
         raise data.UserError("; ".join(problems))
@@ -925,8 +934,11 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
                scene=True)
     for seed in seeds:
         runs = out / f"seed_{seed}"
-        stages = {"base": grpo.Config(model=model, algorithm="sft", kinds=(data.SCENE,), steps=pretrain_steps,
-                                      episodes=train_episodes, format_warmup=0, think=think)}
+        lesson = dict(algorithm="sft", rollout_prompts=pretrain_prompts, update_prompts=pretrain_prompts,
+                      micro_prompts=pretrain_prompts, lr=1e-3, format_warmup=0, think=think)
+        stages = {"words": grpo.Config(model=model, kinds=(data.WORDS,), steps=word_steps, **lesson),
+                  "base": grpo.Config(model=str(runs / "words" / "final"), preset="tiny", steps=pretrain_steps,
+                                      kinds=(data.SCENE, data.LOOKUP, data.WORDS), episodes=train_episodes, **lesson)}
         for arm in ("sft", "grpo"):
             stages[arm] = grpo.Config(model=str(runs / "base" / "final"), preset="tiny", algorithm=arm,
                                       kinds=ROBOT_R1_KINDS, steps=steps, episodes=train_episodes, format_warmup=0,

@@ -64,9 +64,9 @@ class Config:
     """tabletop demonstrations per task [paper 50, tiny 12; unused by the probe]"""
     kinds: tuple[str, ...] | None = None
     """question kinds: waypoint, state, movement, waypoint_open, scene, lookup (each scene question asked back
-    by one of its options: data.lookup_samples), and probe (data.probe_samples: an image-dependent sanity
-    question a tiny model can learn on a CPU; probe_shuffled: its options in a random order)
-    [paper: waypoint state movement; tiny: probe]"""
+    by one of its options: data.lookup_samples), words (the letter's lookup alone, text only:
+    data.word_samples), and probe (data.probe_samples: an image-dependent sanity question a tiny model can
+    learn on a CPU; probe_shuffled: its options in a random order) [paper: waypoint state movement; tiny: probe]"""
     distractors: str = "matched"
     """tabletop questions' wrong options: 'matched' (from the answers' own distribution, so that only the
     image tells the answer) or 'uniform' (the paper's rule, which text alone mostly sees through)"""
@@ -293,7 +293,7 @@ def load_questions(cfg, rank):
             json.loads(manifest.read_text()).get("built_from") == built_from
         if not current:
             shutil.rmtree(folder, ignore_errors=True)
-            demos = any(k not in data.PROBES for k in cfg.kinds)
+            demos = any(k not in data.NO_DEMOS for k in cfg.kinds)
             eps = [e for t in cfg.tasks for e in data.generate_episodes(t, cfg.episodes, cfg.seed)] if demos else []
             samples = data.make_questions(eps, cfg.kinds, seed=cfg.seed, progress=True, distractors=cfg.distractors)
             data.save_samples(samples, folder, {"built_from": built_from})
@@ -800,7 +800,7 @@ def log_completions(path, step, groups, n):
     with open(path, "a") as f:
         for g in groups[:n]:
             q = g.question
-            f.write(json.dumps({"step": step, "id": q.id, "kind": q.kind, "image": str(q.image), "answer": q.answer,
+            f.write(json.dumps({"step": step, "id": q.id, "kind": q.kind, "image": q.image and str(q.image), "answer": q.answer,
                                 "text": g.texts[0], "reward": g.scores[0] if g.scores else None}) + "\n")
 
 

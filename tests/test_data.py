@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data
+import model as M
 
 
 # --- keypoints ----------------------------------------------------------------------------------------
@@ -342,6 +343,35 @@ def write_rlbench(root, task="pick_up_cup", n_eps=2, T=30, nan_frame=None, drop_
             else:
                 sys.modules[k] = v
     return expected
+
+
+def test_word_questions_are_the_letters_lookup_alone_in_text(tmp_path):
+    """data.word_samples: no image, no header; the question names one of four different words and its letter
+    is the answer, balanced; each word one token of our BPE both in its option line and in an option thought
+    (grpo.rationale), so finding the letter is matching one token; written and read back without an image."""
+    import grpo
+    qs = data.word_samples(400, seed=2)
+    assert {q.kind for q in qs} == {data.WORDS} and all(q.image is None for q in qs)
+    assert [q.prompt for q in data.word_samples(400, seed=2)] == [q.prompt for q in qs]    # deterministic
+    for q in qs:
+        asked = q.options[data.LETTERS.index(q.answer)]
+        assert len(set(q.options)) == 4 and q.target == asked and "<image>" not in q.prompt
+        assert q.prompt == f"Which option reads: {asked}\n" + "".join(
+            f"[[{L}]] {o}\n" for L, o in zip(data.LETTERS, q.options))
+    counts = Counter(q.answer for q in qs)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    tok = M.bpe_tokenizer()
+    pieces = lambda text: tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+    for w in data.WORD_LIST:
+        line = pieces(f"[[A]] {w}\n")[1:]                   # after '[[A]]': ['Ġ', w, 'Ċ'] or ['Ġ' + w, 'Ċ']
+        thought = pieces(grpo.ANSWER.format(w + "\n", "[[A]]"))[1:1 + len(line)]      # after '<think>'
+        assert line == thought and "".join(line) == f"Ġ{w}Ċ" and len(line) <= 3 and w in line[-2], (w, line, thought)
+    assert len(data.make_questions([], ("words",))) == data.WORD_QUESTIONS
+    data.save_samples(qs[:5], tmp_path, progress=False)
+    back = data.load_samples(tmp_path)
+    assert [(b.prompt, b.answer, b.image) for b in back] == [(q.prompt, q.answer, None) for q in qs[:5]]
+    assert json.loads((tmp_path / "manifest.json").read_text())["images"] == 0
+    assert data.contact_sheet(back, n=2).size[0] > 1000
 
 
 def test_rlbench_layout_loads_without_rlbench_and_yields_the_right_keypoints(tmp_path):

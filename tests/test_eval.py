@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -156,18 +157,23 @@ def test_unreachable_judge_stops_eval_before_any_answer_within_seconds(tmp_path)
 
 
 def test_experiment_pipeline_writes_every_promised_file(tmp_path):
-    """python eval.py experiment at a toy size: base (pre-trained on scene questions only), the SFT and
-    GRPO arms from it with one budget, three evaluations, the summary over seeds; run again, it reuses
-    every finished stage."""
+    """python eval.py experiment at a toy size: base (pre-trained on word questions, then scene questions,
+    their lookups and words: never Robot-R1's kinds), the SFT and GRPO arms from it with one budget, three
+    evaluations, the summary over seeds; run again, it reuses every finished stage."""
     out = tmp_path / "exp"
-    kw = dict(out=out, seeds=(0,), model="tiny", pretrain_steps=2, steps=2, train_episodes=1, episodes=1,
-              loop_episodes=0, every=60)
+    kw = dict(out=out, seeds=(0,), model="tiny", word_steps=2, pretrain_steps=2, pretrain_prompts=4, steps=2,
+              train_episodes=1, episodes=1, loop_episodes=0, every=60)
     summary = E.experiment(**kw)
     runs = out / "seed_0"
-    for arm in E.ARMS:
+    for arm in ("words",) + E.ARMS:
         assert (runs / arm / "final" / "model.safetensors").exists() and (runs / arm / "curves.png").exists()
-    assert {json.loads(l)["kind"] for l in (runs / "base" / "data" / "samples.jsonl").read_text().splitlines()} \
-        == {data.SCENE}                                   # pre-training never sees Robot-R1's kinds
+    kinds = lambda arm: Counter(json.loads(l)["kind"] for l in (runs / arm / "data" / "samples.jsonl").open())
+    assert kinds("words") == {data.WORDS: data.WORD_QUESTIONS}
+    base = kinds("base")                                  # pre-training never sees Robot-R1's kinds
+    assert set(base) == {data.SCENE, data.LOOKUP, data.WORDS} and base[data.WORDS] == 2 * base[data.SCENE]
+    lessons = {arm: json.loads((runs / arm / "config.json").read_text()) for arm in ("words", "base")}
+    assert lessons["base"]["model"] == str(runs / "words" / "final")
+    assert all(c["rollout_prompts"] == 4 and c["think"] == "option" for c in lessons.values())
     for arm in ("sft", "grpo"):
         assert {json.loads(l)["kind"] for l in (runs / arm / "data" / "samples.jsonl").read_text().splitlines()} \
             == set(E.ROBOT_R1_KINDS)
@@ -214,7 +220,6 @@ def test_scores_tell_seeing_from_finding_the_letter_and_scene_questions_apart():
 def test_the_best_constant_answer_is_the_blind_baseline_of_the_table_quarters():
     """Quarters are not equally frequent: the text-only rule 'the most frequent answer' (fitted on the
     training tasks' questions) scores the share of the most frequent quarter, not 25%."""
-    from collections import Counter
     eps = data.generate_episodes("pick_up_cup", 2, 7) + data.generate_episodes("stack_blocks", 2, 7)
     qs = data.scene_samples(eps, every=5, seed=7)                  # seed 7: no two quarters tie for the most
     blind = E.blind_baselines(qs)
