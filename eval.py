@@ -884,7 +884,7 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Per seed:
       base   a preset model pre-trained by SFT in two lessons, which stand in for a VLM's general knowledge:
              words  naming the letter of the option one has in mind (data.word_samples: text only, one
-                    token per option; a small model learns it from random weights only from ~100k fresh
+                    token per option; the small preset learns it from random weights from ~58k fresh
                     questions, README "GRPO against SFT, in miniature")
              base   scene questions (data.scene_samples: where objects are, which quarter of the table,
                     how high the hand is), each asked back by one of its options (data.lookup_samples),
@@ -898,7 +898,7 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     Every stage is a run folder of its own: an interrupted experiment continues where it stopped.
 
     Args:
-        out: experiment folder: seed_N/{base,sft,grpo} runs, seed_N/report, summary.*
+        out: experiment folder: seed_N/{words,base,sft,grpo} runs, seed_N/report, summary.*
         seeds: one experiment per seed (data, weights, sampling).
         model: preset the base starts from.
         word_steps: SFT steps of the base's first lesson, word questions (lr 1e-3): the small preset names
