@@ -256,11 +256,14 @@ def make_prompt(kind, instruction, current_xyz, options=(), question=None):
     return text + "## Choice Question\n" + (question or QUESTIONS[kind]) + "\n" + choices(options)
 
 
+def option_lines(options):
+    """One line per option, '[[B]] back right\n'. grpo.rationale's option thought is an option as this prints it."""
+    return "".join(f"[[{L}]] {o}\n" for L, o in zip(LETTERS, options))
+
+
 def choices(options):
-    """The end of every multiple-choice prompt: the instruction, one line per option ('[[B]] back right\n'),
-    the answer format. grpo.rationale's option thought is an option as this line prints it."""
-    lines = "".join(f"[[{L}]] {o}\n" for L, o in zip(LETTERS, options))
-    return "Choose the most accurate option:\n" + lines + OUTPUT_FORMAT.format(example="[[A]]")
+    """The end of every multiple-choice prompt: the instruction, the option lines, the answer format."""
+    return "Choose the most accurate option:\n" + option_lines(options) + OUTPUT_FORMAT.format(example="[[A]]")
 
 
 PROBE_COLOURS = ("red", "green", "blue", "yellow")
@@ -403,7 +406,7 @@ def word_samples(n, seed=0):
     out = []
     for i, right in enumerate(letters):
         options = [WORD_LIST[j] for j in rng.choice(len(WORD_LIST), 4, replace=False)]
-        prompt = f"Which option reads: {options[right]}\n" + "".join(f"[[{L}]] {o}\n" for L, o in zip(LETTERS, options))
+        prompt = f"Which option reads: {options[right]}\n" + option_lines(options)
         out.append(Sample(f"words/{i:06d}", WORDS, WORDS, None, prompt, options, LETTERS[right], options[right]))
     return out
 
