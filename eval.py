@@ -881,7 +881,8 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
                train_episodes: int = 12, episodes: int = 2, loop_episodes: int = 2, every: int = 10,
                lr: float = 1e-4, think: str = "option"):
     """Robot-R1's claim in miniature (Kim et al., Robot-R1, arXiv 2506.00070, Tables 2-3: SFT gains on the
-    training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Per seed:
+    training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Once, like the paper's one
+    pre-trained VLM:
       base   a preset model pre-trained by SFT in two lessons, which stand in for a VLM's general knowledge:
              words  naming the letter of the option one has in mind (data.word_samples: text only, one
                     token per option; the small preset learns it from random weights from ~58k fresh
@@ -889,17 +890,21 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
              base   scene questions (data.scene_samples: where objects are, which quarter of the table,
                     how high the hand is), each asked back by one of its options (data.lookup_samples),
                     and more word questions; never Robot-R1's kinds
+    Then per seed, both from that base:
       sft    the base, fine-tuned on Robot-R1's questions' correct answers  (grpo.py --algorithm sft)
       grpo   the base, trained with GRPO and the paper's reward               (grpo.py)
 
     Both arms: the same questions (5 training tasks), `steps` optimizer steps of 16 prompts. Then all
-    three are evaluated (eval.py's multiple choice and closed loop, In and Out), and summary.md,
-    summary.json and summary.png give the mean and range over seeds beside the best text-only rule.
-    Every stage is a run folder of its own: an interrupted experiment continues where it stopped.
+    three are evaluated (eval.py's multiple choice and closed loop, In and Out; the base once, its greedy
+    answers being the same for every seed), and summary.md, summary.json and summary.png give the mean
+    and range over seeds beside the best text-only rule. Every stage is a run folder of its own: an
+    interrupted experiment continues where it stopped.
 
     Args:
-        out: experiment folder: seed_N/{words,base,sft,grpo} runs, seed_N/report, summary.*
-        seeds: one experiment per seed (data, weights, sampling).
+        out: experiment folder: the base's lessons {words,base}/, then seed_N/{sft,grpo} runs, seed_N/report,
+            summary.*
+        seeds: one pair of arms per seed (their data, updates and sampling); the base is trained once, at
+            seed 0.
         model: preset the base starts from.
         word_steps: SFT steps of the base's first lesson, word questions (lr 1e-3): the small preset names
             the letter of 96% of unseen ones after 900 (README, "GRPO against SFT, in miniature").
@@ -933,30 +938,37 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     cfg = dict(episodes=episodes, loop_episodes=loop_episodes, every=every, seed=1000, max_new_tokens=new_tokens,
                batch_size=32, sections=("choice", "loop") if loop_episodes else ("choice",), distractors="matched",
                scene=True)
+    lesson = dict(algorithm="sft", rollout_prompts=pretrain_prompts, update_prompts=pretrain_prompts,
+                  micro_prompts=pretrain_prompts, lr=1e-3, format_warmup=0, think=think, seed=0)
+    base = out / "base" / "final"
+    run_stages(out, {"words": grpo.Config(model=model, kinds=(data.WORDS,), steps=word_steps, **lesson),
+                     "base": grpo.Config(model=str(out / "words" / "final"), preset="tiny", steps=pretrain_steps,
+                                         kinds=(data.SCENE, data.LOOKUP, data.WORDS), episodes=train_episodes,
+                                         **lesson)})
+    base_result = None                              # greedy decoding: the base scores the same for every seed
     for seed in seeds:
         runs = out / f"seed_{seed}"
-        lesson = dict(algorithm="sft", rollout_prompts=pretrain_prompts, update_prompts=pretrain_prompts,
-                      micro_prompts=pretrain_prompts, lr=1e-3, format_warmup=0, think=think)
-        stages = {"words": grpo.Config(model=model, kinds=(data.WORDS,), steps=word_steps, **lesson),
-                  "base": grpo.Config(model=str(runs / "words" / "final"), preset="tiny", steps=pretrain_steps,
-                                      kinds=(data.SCENE, data.LOOKUP, data.WORDS), episodes=train_episodes, **lesson)}
-        for arm in ("sft", "grpo"):
-            stages[arm] = grpo.Config(model=str(runs / "base" / "final"), preset="tiny", algorithm=arm,
-                                      kinds=ROBOT_R1_KINDS, steps=steps, episodes=train_episodes, format_warmup=0,
-                                      lr=lr, think=think, max_new_tokens=new_tokens)
-        for arm, c in stages.items():
-            if not (runs / arm / "final").exists():
-                c.out, c.seed, c.overwrite, c.log_samples = runs / arm, seed, True, 2
-                grpo.main(c)
+        run_stages(runs, {arm: grpo.Config(model=str(base), preset="tiny", algorithm=arm, kinds=ROBOT_R1_KINDS,
+                                           steps=steps, episodes=train_episodes, format_warmup=0, lr=lr,
+                                           think=think, max_new_tokens=new_tokens, seed=seed)
+                          for arm in ("sft", "grpo")})
         report = runs / "report"
         if not (report / "report.json").exists():
-            results, eps = [], None
-            for arm in ARMS:
-                policy, proc = load_policy(str(runs / arm / "final"))
-                result, eps = evaluate(policy, proc, cfg, name=f"seed {seed} {arm}")
-                results.append(result)
+            if base_result is None:
+                base_result, eps = evaluate(*load_policy(str(base)), cfg, name="base")
+            results = [base_result] + [evaluate(*load_policy(str(runs / arm / "final")), cfg, name=f"seed {seed} {arm}")[0]
+                                       for arm in ARMS[1:]]
             write_report(list(ARMS), results, eps, cfg, report)
     return summarise_experiment(out, seeds)
+
+
+def run_stages(folder, stages):
+    """Train each grpo.Config into folder/NAME, in order, unless folder/NAME/final exists (a finished run)."""
+    import grpo
+    for name, c in stages.items():
+        if not (folder / name / "final").exists():
+            c.out, c.overwrite, c.log_samples = folder / name, True, 2
+            grpo.main(c)
 
 
 def summarise_experiment(out, seeds):
@@ -977,7 +989,7 @@ def summarise_experiment(out, seeds):
     train = {}
     for s in seeds:
         for arm in ARMS:
-            last = grpo.read_jsonl(out / f"seed_{s}" / arm / "metrics.jsonl")[-20:]
+            last = grpo.read_jsonl((out if arm == "base" else out / f"seed_{s}") / arm / "metrics.jsonl")[-20:]
             train.setdefault(arm, []).append({k: mean([m.get(k) for m in last]) for k in (
                 "loss", "zero_variance_groups", "reward/total")})
     blind = {k: v[1] for k, v in best_blind(reports[0]["blind"]).items()}

@@ -157,41 +157,44 @@ def test_unreachable_judge_stops_eval_before_any_answer_within_seconds(tmp_path)
 
 
 def test_experiment_pipeline_writes_every_promised_file(tmp_path):
-    """python eval.py experiment at a toy size: base (pre-trained on word questions, then scene questions,
-    their lookups and words: never Robot-R1's kinds), the SFT and GRPO arms from it with one budget, three
-    evaluations, the summary over seeds; run again, it reuses every finished stage."""
+    """python eval.py experiment at a toy size: one base (pre-trained on word questions, then scene questions,
+    their lookups and words: never Robot-R1's kinds), per seed the SFT and GRPO arms from it with one budget,
+    three evaluations, the summary over seeds; run again, it reuses every finished stage."""
     out = tmp_path / "exp"
-    kw = dict(out=out, seeds=(0,), model="tiny", word_steps=2, pretrain_steps=2, pretrain_prompts=4, steps=2,
+    kw = dict(out=out, seeds=(0, 1), model="tiny", word_steps=2, pretrain_steps=2, pretrain_prompts=4, steps=2,
               train_episodes=1, episodes=1, loop_episodes=0, every=60)
     summary = E.experiment(**kw)
-    runs = out / "seed_0"
-    for arm in ("words",) + E.ARMS:
-        assert (runs / arm / "final" / "model.safetensors").exists() and (runs / arm / "curves.png").exists()
-    kinds = lambda arm: Counter(json.loads(l)["kind"] for l in (runs / arm / "data" / "samples.jsonl").open())
-    assert kinds("words") == {data.WORDS: data.WORD_QUESTIONS}
-    base = kinds("base")                                  # pre-training never sees Robot-R1's kinds
+    runs = [out / "seed_0", out / "seed_1"]
+    for folder in [out / "words", out / "base"] + [r / arm for r in runs for arm in ("sft", "grpo")]:
+        assert (folder / "final" / "model.safetensors").exists() and (folder / "curves.png").exists()
+    assert not (runs[1] / "base").exists() and not (runs[1] / "words").exists()      # the base is trained once
+    kinds = lambda run: Counter(json.loads(l)["kind"] for l in (run / "data" / "samples.jsonl").open())
+    assert kinds(out / "words") == {data.WORDS: data.WORD_QUESTIONS}
+    base = kinds(out / "base")                            # pre-training never sees Robot-R1's kinds
     assert set(base) == {data.SCENE, data.LOOKUP, data.WORDS} and base[data.WORDS] == 2 * base[data.SCENE]
-    lessons = {arm: json.loads((runs / arm / "config.json").read_text()) for arm in ("words", "base")}
-    assert lessons["base"]["model"] == str(runs / "words" / "final")
-    assert all(c["rollout_prompts"] == 4 and c["think"] == "option" for c in lessons.values())
-    for arm in ("sft", "grpo"):
-        assert {json.loads(l)["kind"] for l in (runs / arm / "data" / "samples.jsonl").read_text().splitlines()} \
-            == set(E.ROBOT_R1_KINDS)
-    arms = {arm: json.loads((runs / arm / "config.json").read_text()) for arm in ("sft", "grpo")}
-    same = ("steps", "rollout_prompts", "update_prompts", "lr", "seed", "episodes", "tasks", "distractors")
-    assert [arms["sft"][k] for k in same] == [arms["grpo"][k] for k in same]
-    assert arms["sft"]["model"] == arms["grpo"]["model"] == str(runs / "base" / "final")
-    for f in ("report.md", "report.json", "choice.png"):
-        assert (runs / "report" / f).exists()
-    report = json.loads((runs / "report" / "report.json").read_text())
-    assert {"scene/In", "lookup/In"} <= set(report["summary"][0]["choice"])   # the scene, and its lookups
+    lessons = {arm: json.loads((out / arm / "config.json").read_text()) for arm in ("words", "base")}
+    assert lessons["base"]["model"] == str(out / "words" / "final")
+    assert all(c["rollout_prompts"] == 4 and c["think"] == "option" and c["seed"] == 0 for c in lessons.values())
+    for seed, run in enumerate(runs):
+        for arm in ("sft", "grpo"):
+            assert {json.loads(l)["kind"] for l in (run / arm / "data" / "samples.jsonl").read_text().splitlines()} \
+                == set(E.ROBOT_R1_KINDS)
+        arms = {arm: json.loads((run / arm / "config.json").read_text()) for arm in ("sft", "grpo")}
+        same = ("steps", "rollout_prompts", "update_prompts", "lr", "seed", "episodes", "tasks", "distractors")
+        assert [arms["sft"][k] for k in same] == [arms["grpo"][k] for k in same] and arms["sft"]["seed"] == seed
+        assert arms["sft"]["model"] == arms["grpo"]["model"] == str(out / "base" / "final")
+        for f in ("report.md", "report.json", "choice.png"):
+            assert (run / "report" / f).exists()
+    reports = [json.loads((r / "report" / "report.json").read_text()) for r in runs]
+    assert {"scene/In", "lookup/In"} <= set(reports[0]["summary"][0]["choice"])   # the scene, and its lookups
+    assert reports[0]["summary"][0] == reports[1]["summary"][0]                   # one base, scored once
     for f in ("summary.md", "summary.json", "summary.png"):
         assert (out / f).exists()
     assert set(summary["arms"]) == set(E.ARMS) and "waypoint/In" in summary["arms"]["grpo"]
     assert "| waypoint · In |" in (out / "summary.md").read_text()
-    stamp = (runs / "grpo" / "final" / "model.safetensors").stat().st_mtime
+    stamp = (runs[1] / "grpo" / "final" / "model.safetensors").stat().st_mtime
     E.experiment(**kw)
-    assert (runs / "grpo" / "final" / "model.safetensors").stat().st_mtime == stamp
+    assert (runs[1] / "grpo" / "final" / "model.safetensors").stat().st_mtime == stamp
 
 
 def test_scores_tell_seeing_from_finding_the_letter_and_scene_questions_apart():
