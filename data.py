@@ -397,10 +397,12 @@ WORD_QUESTIONS = 100_000   # word_samples on their own: more than eval.py experi
 def word_samples(n, seed=0):
     """The letter's lookup on its own, in text: 'Which option reads: X' above four option lines of single
     words, no image, no header, no output-format paragraph (kind 'words'). It is the second skill of
-    the README's "GRPO against SFT, in miniature" (naming the letter of an option one has in mind) in
-    its easiest form: each option one token, a few tokens from the answer. The small preset learns it from
-    random weights from many fresh questions (96% after ~58k), the first lesson of eval.py experiment's base.
-    Letters balanced, deterministic for (n, seed)."""
+    the README's "GRPO against SFT, in miniature" (naming the letter of an option) in its easiest form:
+    each option one token, a few tokens from the answer, the word named before the option lines. The small
+    preset learns it from random weights from many fresh questions (96% after ~58k), the first lesson of
+    eval.py experiment's base; the same lesson with the question after the lines, where a thought stands,
+    it does not learn in as many (README, "Why the thought goes unread"). Letters balanced, deterministic
+    for (n, seed)."""
     rng = np.random.default_rng([seed, 51])
     letters = rng.permutation(np.resize(np.arange(4), n))
     out = []

@@ -884,9 +884,10 @@ def experiment(out: Path = Path("runs/experiment"), seeds: tuple[int, ...] = (0,
     training tasks and loses on unseen ones; GRPO gains on both), on a CPU. Once, like the paper's one
     pre-trained VLM:
       base   a preset model pre-trained by SFT in two lessons, which stand in for a VLM's general knowledge:
-             words  naming the letter of the option one has in mind (data.word_samples: text only, one
+             words  naming the letter of the option a question names (data.word_samples: text only, one
                     token per option; the small preset learns it from random weights from ~58k fresh
-                    questions, README "GRPO against SFT, in miniature")
+                    questions, but as a lookup of the question's word, not of its thought: README "GRPO
+                    against SFT, in miniature")
              base   scene questions (data.scene_samples: where objects are, which quarter of the table,
                     how high the hand is), each asked back by one of its options (data.lookup_samples),
                     and more word questions; never Robot-R1's kinds
